@@ -2,8 +2,11 @@
 //! `crypto` ← `providers` ← `keyring` ← `store` ← `api` ← `main`.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
 pub mod crypto;
 pub mod keyring;
 pub mod providers;
+pub mod server;
 pub mod store;
 pub mod tenant;

@@ -73,7 +73,17 @@ mod tests {
 
     #[test]
     fn rejects_empty_long_and_foreign_bytes() {
-        for bad in ["", &"x".repeat(129), "a/b", "a b", "a%2F", "é", "a\0", "..\\x", "a:b"] {
+        for bad in [
+            "",
+            &"x".repeat(129),
+            "a/b",
+            "a b",
+            "a%2F",
+            "é",
+            "a\0",
+            "..\\x",
+            "a:b",
+        ] {
             assert_eq!(TenantId::parse(bad), Err(InvalidTenantId), "{bad:?}");
         }
     }

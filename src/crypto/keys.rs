@@ -34,9 +34,9 @@ impl DataKey {
         if bytes.len() != KEY_LEN {
             return Err(CryptoError::KeyLength);
         }
-        Ok(DataKey(SecretBox::init_with_mut(|k: &mut [u8; KEY_LEN]| {
-            k.copy_from_slice(bytes)
-        })))
+        Ok(DataKey(SecretBox::init_with_mut(
+            |k: &mut [u8; KEY_LEN]| k.copy_from_slice(bytes),
+        )))
     }
 
     /// The key bytes, for the few places that must feed them to a primitive.
@@ -127,6 +127,9 @@ mod tests {
         let b = DataKey::generate().unwrap();
         assert_ne!(a, b);
         assert_eq!(a, DataKey::from_slice(a.expose()).unwrap());
-        assert_eq!(DataKey::from_slice(&[1; 31]).unwrap_err(), CryptoError::KeyLength);
+        assert_eq!(
+            DataKey::from_slice(&[1; 31]).unwrap_err(),
+            CryptoError::KeyLength
+        );
     }
 }

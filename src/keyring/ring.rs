@@ -141,7 +141,8 @@ impl Keyring {
         let env = Envelope::parse(ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
         let key = match self.version_key(tenant, env.key_version()).await {
             Ok(k) => k,
-            Err(KeyringError::KeyUnwrapFailed { .. }) | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
+            Err(KeyringError::KeyUnwrapFailed { .. })
+            | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
                 return Err(KeyringError::DecryptFailed);
             }
             Err(e) => return Err(e),
@@ -167,7 +168,8 @@ impl Keyring {
             .map_err(|_| KeyringError::DecryptFailed)?
             .map_err(|_| KeyringError::DecryptFailed);
         }
-        env.open(&key, &ctx).map_err(|_| KeyringError::DecryptFailed)
+        env.open(&key, &ctx)
+            .map_err(|_| KeyringError::DecryptFailed)
     }
 
     /// A fresh 256-bit data key for the caller's own use, with its envelope under the tenant's

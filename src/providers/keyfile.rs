@@ -213,11 +213,7 @@ pub fn new_keyfile_json(
             let cipher = Aes256Gcm::new_from_slice(kek.as_slice()).map_err(|_| "bad kek")?;
             let mut ct = Zeroizing::new(key.to_vec());
             let tag = cipher
-                .encrypt_inout_detached(
-                    &Nonce::from(nonce),
-                    SEAL_AAD,
-                    ct.as_mut_slice().into(),
-                )
+                .encrypt_inout_detached(&Nonce::from(nonce), SEAL_AAD, ct.as_mut_slice().into())
                 .map_err(|_| "sealing failed")?;
             let mut sealed = nonce.to_vec();
             sealed.extend_from_slice(&ct);
@@ -243,7 +239,10 @@ pub fn new_keyfile_json(
 /// builds its JSON by hand from the exposed value.
 fn json_of(file: &KeyfileJson) -> Result<String, String> {
     let mut obj = serde_json::Map::new();
-    obj.insert("kms_sidecar_keyfile".into(), file.kms_sidecar_keyfile.into());
+    obj.insert(
+        "kms_sidecar_keyfile".into(),
+        file.kms_sidecar_keyfile.into(),
+    );
     if let Some(key) = &file.key {
         obj.insert("key".into(), key.expose_secret().into());
     }
@@ -296,7 +295,11 @@ impl RootProvider for KeyfileRoot {
         blob.extend_from_slice(dek.expose());
         let tag = self
             .cipher
-            .encrypt_inout_detached(&Nonce::from(nonce), &ctx.aad(), (&mut blob[1 + NONCE_LEN..]).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                &ctx.aad(),
+                (&mut blob[1 + NONCE_LEN..]).into(),
+            )
             .map_err(|_| ProviderError::Setup("keyfile wrap failed".into()))?;
         blob.extend_from_slice(&tag);
         Ok(blob)

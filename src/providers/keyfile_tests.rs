@@ -39,7 +39,11 @@ fn wrap_then_unwrap_round_trips_and_blob_is_61_bytes() {
     let blob = block_on(r.wrap(&dek, &ctx(&t, 1))).unwrap();
     assert_eq!(blob.len(), BLOB_LEN);
     assert_eq!(BLOB_LEN, 61);
-    assert_ne!(&blob[13..45], dek.expose(), "the key must not appear in clear");
+    assert_ne!(
+        &blob[13..45],
+        dek.expose(),
+        "the key must not appear in clear"
+    );
     assert_eq!(block_on(r.unwrap(&blob, &ctx(&t, 1))).unwrap(), dek);
 }
 
@@ -80,7 +84,10 @@ fn plain_keyfile_round_trips() {
 fn sealed_keyfile_needs_the_right_passphrase() {
     let pass = SecretString::from("correct horse battery staple");
     let json = new_keyfile_json(Some(&pass), CHEAP).unwrap();
-    assert!(!json.contains("\"key\""), "a sealed file holds no plain key");
+    assert!(
+        !json.contains("\"key\""),
+        "a sealed file holds no plain key"
+    );
     let key = parse_keyfile(json.as_bytes(), Some(&pass)).unwrap();
     assert_eq!(key.len(), 32);
     let wrong = SecretString::from("Correct horse battery staple");
@@ -100,7 +107,10 @@ fn keyfile_errors_never_echo_key_material() {
     let json = new_keyfile_json(None, CHEAP).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let key = v["key"].as_str().unwrap().to_string();
-    let tampered = json.replace("\"kms_sidecar_keyfile\":1", "\"kms_sidecar_keyfile\":1,\"x\":1");
+    let tampered = json.replace(
+        "\"kms_sidecar_keyfile\":1",
+        "\"kms_sidecar_keyfile\":1,\"x\":1",
+    );
     let err = parse_keyfile(tampered.as_bytes(), None).unwrap_err();
     assert!(!err.contains(&key), "{err}");
     for bad in [

@@ -11,9 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::keyring::{
-    KeyState, KeyVersionRecord, KeyringStore, StoreError, TenantRecord, Wrapping,
-};
+use crate::keyring::{KeyVersionRecord, KeyringStore, StoreError, TenantRecord, Wrapping};
 use crate::providers::RootId;
 use crate::tenant::TenantId;
 
@@ -132,14 +130,21 @@ fn tenant_of(s: String) -> Result<TenantId, StoreError> {
 }
 
 fn version_of(v: i64) -> Result<u32, StoreError> {
-    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("stored key version {v} out of range")))
+    u32::try_from(v)
+        .map_err(|_| StoreError::Corrupt(format!("stored key version {v} out of range")))
 }
 
 fn read_tenant(conn: &Connection, tenant: &str) -> Result<Option<TenantRecord>, StoreError> {
     conn.query_row(
         "SELECT tenant, active_version, created_at FROM tenants WHERE tenant = ?1",
         params![tenant],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
     )
     .optional()
     .map_err(db)?
@@ -166,7 +171,11 @@ fn read_versions(
         .map_err(db)?;
     let rows = stmt
         .query_map(params![tenant, only], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
@@ -272,7 +281,11 @@ impl KeyringStore for SqliteStore {
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 })
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()

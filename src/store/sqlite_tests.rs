@@ -2,6 +2,7 @@
 //! other engines run the same checks.
 
 use super::*;
+use crate::keyring::KeyState;
 
 fn version(v: u32, roots: &[(&str, u8)]) -> KeyVersionRecord {
     KeyVersionRecord {
@@ -25,7 +26,11 @@ fn t(s: &str) -> TenantId {
 async fn suite_create_then_read(store: &dyn KeyringStore) {
     assert_eq!(store.tenant(&t("acme")).await.unwrap(), None);
     let rec = store
-        .create_tenant(&t("acme"), 42, &version(1, &[("keyfile:aa", 1), ("keyfile:bb", 2)]))
+        .create_tenant(
+            &t("acme"),
+            42,
+            &version(1, &[("keyfile:aa", 1), ("keyfile:bb", 2)]),
+        )
         .await
         .unwrap();
     assert_eq!(rec.tenant, t("acme"));
@@ -49,7 +54,11 @@ async fn suite_create_is_idempotent(store: &dyn KeyringStore) {
         .unwrap();
     assert_eq!(a, b, "the second creator gets the first one's tenant");
     let stored = store.key_version(&t("dup"), 1).await.unwrap().unwrap();
-    assert_eq!(stored.wrappings[0].blob, vec![1; 61], "the first wrap is kept");
+    assert_eq!(
+        stored.wrappings[0].blob,
+        vec![1; 61],
+        "the first wrap is kept"
+    );
 }
 
 async fn suite_lists_tenants_in_order(store: &dyn KeyringStore) {
@@ -104,7 +113,10 @@ async fn data_survives_reopen_and_file_is_private() {
     drop(s);
     let path = dir.path().join("store.db");
     let again = SqliteStore::open(&path).unwrap();
-    assert_eq!(again.tenant(&t("keep")).await.unwrap().unwrap().created_at, 7);
+    assert_eq!(
+        again.tenant(&t("keep")).await.unwrap().unwrap().created_at,
+        7
+    );
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }

@@ -1,0 +1,644 @@
+//! Routing and handlers of the v1 HTTP API: parses paths and bodies, checks the caller's grant,
+//! calls the key ring, and shapes JSON (or raw octet-stream) answers. Every error goes through
+//! `ApiError`; no handler logs a body.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::AppState;
+use super::auth::{Operation, Peer};
+use super::error::ApiError;
+use crate::crypto::{Purpose, SecretBytes};
+use crate::tenant::TenantId;
+
+pub const REQUEST_ID: &str = "x-request-id";
+/// Base64 caller AAD for octet-stream seal/open.
+pub const AAD_HEADER: &str = "x-kms-aad";
+/// Key version of an octet-stream seal.
+pub const KEY_VERSION_HEADER: &str = "x-key-version";
+const JSON: &str = "application/json";
+const OCTETS: &str = "application/octet-stream";
+
+/// What a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Seal,
+    Open,
+    SealBatch,
+    OpenBatch,
+    Datakey,
+    DatakeyUnwrap,
+    Keys,
+}
+
+impl Action {
+    fn operation(self) -> Operation {
+        match self {
+            Action::Seal | Action::SealBatch => Operation::Seal,
+            Action::Open | Action::OpenBatch => Operation::Open,
+            Action::Datakey => Operation::Datakey,
+            Action::DatakeyUnwrap => Operation::DatakeyUnwrap,
+            Action::Keys => Operation::KeysRead,
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Action::Keys => Method::GET,
+            _ => Method::POST,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Tenant { tenant: &'a str, action: Action },
+}
+
+/// Every route of the router, as (method, path template): the OpenAPI check compares with this.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("POST", "/v1/tenants/{tenant}/seal"),
+    ("POST", "/v1/tenants/{tenant}/open"),
+    ("POST", "/v1/tenants/{tenant}/seal:batch"),
+    ("POST", "/v1/tenants/{tenant}/open:batch"),
+    ("POST", "/v1/tenants/{tenant}/datakey"),
+    ("POST", "/v1/tenants/{tenant}/datakey:unwrap"),
+    ("GET", "/v1/tenants/{tenant}/keys"),
+];
+
+pub fn route(path: &str) -> Option<Route<'_>> {
+    match path {
+        "/healthz" => return Some(Route::Healthz),
+        "/readyz" => return Some(Route::Readyz),
+        _ => {}
+    }
+    let rest = path.strip_prefix("/v1/tenants/")?;
+    let (tenant, action) = rest.split_once('/')?;
+    let action = match action {
+        "seal" => Action::Seal,
+        "open" => Action::Open,
+        "seal:batch" => Action::SealBatch,
+        "open:batch" => Action::OpenBatch,
+        "datakey" => Action::Datakey,
+        "datakey:unwrap" => Action::DatakeyUnwrap,
+        "keys" => Action::Keys,
+        _ => return None,
+    };
+    Some(Route::Tenant { tenant, action })
+}
+
+// ---- request and response bodies ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealItem {
+    plaintext: SecretString,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenItem {
+    ciphertext: String,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch<T> {
+    items: Vec<T>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DatakeyRequest {
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatakeyUnwrapRequest {
+    wrapped_key: String,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Sealed {
+    ciphertext: String,
+    key_version: u32,
+}
+
+/// Plaintext answers are serialised from borrowed, zeroizing strings.
+#[derive(Serialize)]
+struct Opened<'a> {
+    plaintext: &'a str,
+}
+
+#[derive(Serialize)]
+struct IssuedKey<'a> {
+    plaintext_key: &'a str,
+    wrapped_key: String,
+    key_version: u32,
+}
+
+#[derive(Serialize)]
+struct UnwrappedKey<'a> {
+    plaintext_key: &'a str,
+}
+
+#[derive(Serialize)]
+struct ItemError {
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ItemResult<T> {
+    Ok(T),
+    Err { error: ItemError },
+}
+
+#[derive(Serialize)]
+struct KeyVersionView {
+    version: u32,
+    state: crate::keyring::KeyState,
+    created_at: i64,
+    roots: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct KeysView {
+    tenant: String,
+    active_version: u32,
+    created_at: i64,
+    versions: Vec<KeyVersionView>,
+}
+
+// ---- the handler ----
+
+/// Handles one request; never fails (errors become error responses).
+pub async fn handle(
+    state: Arc<AppState>,
+    peer: Peer,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let request_id = request_id(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let result = dispatch(&state, &peer, req).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => error_response(&e, &request_id),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    let status = resp.status();
+    if status.is_server_error() {
+        tracing::warn!(%request_id, %peer, %method, %path, status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(%request_id, %peer, %method, %path, status = status.as_u16(), "request");
+    }
+    resp
+}
+
+async fn dispatch(
+    state: &AppState,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let route = route(req.uri().path()).ok_or(ApiError::NotFound)?;
+    let (tenant_raw, action) = match route {
+        Route::Healthz | Route::Readyz => {
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            if route == Route::Readyz {
+                state.keyring.ready().await.map_err(|e| {
+                    tracing::warn!(error = %e, "not ready");
+                    ApiError::NotReady
+                })?;
+                return Ok(json_response(
+                    StatusCode::OK,
+                    br#"{"status":"ready"}"#.to_vec(),
+                ));
+            }
+            return Ok(json_response(
+                StatusCode::OK,
+                br#"{"status":"ok"}"#.to_vec(),
+            ));
+        }
+        Route::Tenant { tenant, action } => (tenant.to_owned(), action),
+    };
+    if req.method() != action.method() {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let principal = state.auth.authenticate(
+        peer,
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )?;
+    let tenant = TenantId::parse(&tenant_raw).map_err(|_| ApiError::InvalidTenant)?;
+    if !principal.may(action.operation(), &tenant) {
+        return Err(ApiError::Forbidden);
+    }
+
+    // Only octet-stream switches to raw bodies; anything else is read as JSON, so that
+    // `curl -d` (form content type by default) works and a non-JSON body gets a JSON error.
+    let octets = req.headers().get(CONTENT_TYPE).is_some_and(|ct| {
+        let ct = ct.as_bytes();
+        let base = ct.split(|b| *b == b';').next().unwrap_or(ct).trim_ascii();
+        base.eq_ignore_ascii_case(OCTETS.as_bytes())
+    });
+    if octets && !matches!(action, Action::Seal | Action::Open) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let header_aad = match req.headers().get(AAD_HEADER) {
+        Some(v) if octets => Some(decode("aad", v.as_bytes())?),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "the x-kms-aad header is only for application/octet-stream bodies".into(),
+            ));
+        }
+        None => None,
+    };
+    let body = read_body(req, state.limits.max_body_bytes).await?;
+    let kr = &state.keyring;
+
+    match action {
+        Action::Seal if octets => {
+            let aad = header_aad.unwrap_or_default();
+            let (ct, version) = kr
+                .seal(
+                    &tenant,
+                    Purpose::Data,
+                    &aad,
+                    SecretBytes::new(body.to_vec()),
+                )
+                .await?;
+            let mut resp = Response::new(Full::new(Bytes::from(ct)));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(OCTETS));
+            resp.headers_mut()
+                .insert(KEY_VERSION_HEADER, HeaderValue::from(version));
+            Ok(resp)
+        }
+        Action::Open if octets => {
+            let aad = header_aad.unwrap_or_default();
+            let pt = kr.open(&tenant, Purpose::Data, &aad, &body).await?;
+            let mut resp = Response::new(Full::new(zeroizing_bytes(pt.into_zeroizing())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(OCTETS));
+            Ok(resp)
+        }
+        Action::Seal => {
+            let item: SealItem = parse_json(&body)?;
+            let sealed = seal_item(state, &tenant, item).await?;
+            Ok(json_ok(&sealed))
+        }
+        Action::Open => {
+            let item: OpenItem = parse_json(&body)?;
+            let pt = open_item(state, &tenant, item).await?;
+            let encoded = Zeroizing::new(B64.encode(pt.expose()));
+            Ok(secret_body(&Opened {
+                plaintext: &encoded,
+            }))
+        }
+        Action::SealBatch => {
+            let batch: Batch<SealItem> = parse_json(&body)?;
+            check_batch(state, batch.items.len())?;
+            let mut results = Vec::with_capacity(batch.items.len());
+            for item in batch.items {
+                results.push(match seal_item(state, &tenant, item).await {
+                    Ok(s) => ItemResult::Ok(s),
+                    Err(e) => item_error(e)?,
+                });
+            }
+            Ok(json_ok(&serde_json::json!({ "results": results })))
+        }
+        Action::OpenBatch => {
+            let batch: Batch<OpenItem> = parse_json(&body)?;
+            check_batch(state, batch.items.len())?;
+            let mut opened = Vec::with_capacity(batch.items.len());
+            for item in batch.items {
+                opened.push(open_item(state, &tenant, item).await);
+            }
+            batch_open_response(opened)
+        }
+        Action::Datakey => {
+            let req: DatakeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+                DatakeyRequest::default()
+            } else {
+                parse_json(&body)?
+            };
+            let aad = optional_b64("aad", req.aad.as_deref())?;
+            let issued = kr.issue_datakey(&tenant, &aad).await?;
+            let key_b64 = Zeroizing::new(B64.encode(issued.plaintext.expose()));
+            Ok(secret_body(&IssuedKey {
+                plaintext_key: &key_b64,
+                wrapped_key: B64.encode(&issued.sealed),
+                key_version: issued.key_version,
+            }))
+        }
+        Action::DatakeyUnwrap => {
+            let req: DatakeyUnwrapRequest = parse_json(&body)?;
+            let wrapped = decode("wrapped_key", req.wrapped_key.as_bytes())?;
+            let aad = optional_b64("aad", req.aad.as_deref())?;
+            let key = kr.unwrap_datakey(&tenant, &aad, &wrapped).await?;
+            let key_b64 = Zeroizing::new(B64.encode(key.expose()));
+            Ok(secret_body(&UnwrappedKey {
+                plaintext_key: &key_b64,
+            }))
+        }
+        Action::Keys => {
+            let keys = kr.describe(&tenant).await?;
+            Ok(json_ok(&KeysView {
+                tenant: keys.tenant.tenant.to_string(),
+                active_version: keys.tenant.active_version,
+                created_at: keys.tenant.created_at,
+                versions: keys
+                    .versions
+                    .into_iter()
+                    .map(|v| KeyVersionView {
+                        version: v.version,
+                        state: v.state,
+                        created_at: v.created_at,
+                        roots: v
+                            .wrappings
+                            .into_iter()
+                            .map(|w| w.root.to_string())
+                            .collect(),
+                    })
+                    .collect(),
+            }))
+        }
+    }
+}
+
+async fn seal_item(
+    state: &AppState,
+    tenant: &TenantId,
+    item: SealItem,
+) -> Result<Sealed, ApiError> {
+    let plaintext = decode("plaintext", item.plaintext.expose_secret().as_bytes())?;
+    let aad = optional_b64("aad", item.aad.as_deref())?;
+    let (ct, key_version) = state
+        .keyring
+        .seal(tenant, Purpose::Data, &aad, SecretBytes::from(plaintext))
+        .await?;
+    Ok(Sealed {
+        ciphertext: B64.encode(ct),
+        key_version,
+    })
+}
+
+async fn open_item(
+    state: &AppState,
+    tenant: &TenantId,
+    item: OpenItem,
+) -> Result<SecretBytes, ApiError> {
+    let ct = decode("ciphertext", item.ciphertext.as_bytes())?;
+    let aad = optional_b64("aad", item.aad.as_deref())?;
+    Ok(state.keyring.open(tenant, Purpose::Data, &aad, &ct).await?)
+}
+
+/// Per-item failures that concern the item stay in the item; failures of the service (store or
+/// root down) fail the whole batch, since every later item would fail the same way.
+fn item_error<T>(e: ApiError) -> Result<ItemResult<T>, ApiError> {
+    let (status, code) = e.status_and_code();
+    if status.is_server_error()
+        || status == StatusCode::NOT_FOUND
+        || status == StatusCode::FORBIDDEN
+    {
+        return Err(e);
+    }
+    Ok(ItemResult::Err {
+        error: ItemError {
+            code,
+            message: e.to_string(),
+        },
+    })
+}
+
+fn batch_open_response(
+    opened: Vec<Result<SecretBytes, ApiError>>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let encoded: Vec<Result<Zeroizing<String>, ApiError>> = opened
+        .into_iter()
+        .map(|r| r.map(|pt| Zeroizing::new(B64.encode(pt.expose()))))
+        .collect();
+    let mut results = Vec::with_capacity(encoded.len());
+    for r in &encoded {
+        results.push(match r {
+            Ok(s) => ItemResult::Ok(Opened { plaintext: s }),
+            Err(e) => item_error(e.clone())?,
+        });
+    }
+    Ok(secret_body(&serde_json::json!({ "results": results })))
+}
+
+fn check_batch(state: &AppState, n: usize) -> Result<(), ApiError> {
+    let max = state.limits.max_batch_items;
+    if n > max {
+        return Err(ApiError::BatchTooLarge { max });
+    }
+    Ok(())
+}
+
+// ---- helpers for bodies ----
+
+fn request_id(req: &Request<Incoming>) -> String {
+    if let Some(v) = req.headers().get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+        {
+            // Checked ASCII above, so this is infallible.
+            return String::from_utf8_lossy(b).into_owned();
+        }
+    }
+    let mut raw = [0u8; 12];
+    if crate::crypto::fill_random(&mut raw).is_err() {
+        return "unknown".into();
+    }
+    hex::encode(raw)
+}
+
+async fn read_body(req: Request<Incoming>, max: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
+        let len: usize = std::str::from_utf8(len.as_bytes())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::InvalidRequest("bad content-length".into()))?;
+        if len > max {
+            return Err(ApiError::BodyTooLarge { max });
+        }
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => Ok(Zeroizing::new(Vec::from(collected.to_bytes()))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge { max }),
+        Err(_) => Err(ApiError::InvalidRequest(
+            "could not read the request body".into(),
+        )),
+    }
+}
+
+/// Parses JSON without ever echoing input values: serde's messages for type errors can quote
+/// the offending value (a plaintext), so only field-shape messages are passed on.
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        let shape = msg.starts_with("unknown field") || msg.starts_with("missing field");
+        if shape {
+            let head = msg
+                .split(" at line")
+                .next()
+                .unwrap_or("invalid request body");
+            ApiError::InvalidRequest(head.to_owned())
+        } else if e.is_syntax() || e.is_eof() {
+            ApiError::InvalidRequest(format!(
+                "request body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        } else {
+            ApiError::InvalidRequest(format!(
+                "request body does not match the schema (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        }
+    })
+}
+
+fn decode(field: &'static str, b64: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    B64.decode(b64)
+        .map(Zeroizing::new)
+        .map_err(|_| ApiError::InvalidBase64(field))
+}
+
+fn optional_b64(field: &'static str, b64: Option<&str>) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    match b64 {
+        Some(s) => decode(field, s.as_bytes()),
+        None => Ok(Zeroizing::new(Vec::new())),
+    }
+}
+
+/// A body whose bytes are zeroized when hyper drops the last reference to them.
+fn zeroizing_bytes(v: Zeroizing<Vec<u8>>) -> Bytes {
+    Bytes::from_owner(v)
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
+}
+
+fn json_ok<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(v) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(_) => error_response(&ApiError::Internal, "unknown"),
+    }
+}
+
+/// JSON carrying secrets: serialised into a zeroizing buffer.
+fn secret_body<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
+    let mut buf = Zeroizing::new(Vec::new());
+    if serde_json::to_writer(&mut *buf, v).is_err() {
+        return error_response(&ApiError::Internal, "unknown");
+    }
+    let mut resp = Response::new(Full::new(zeroizing_bytes(buf)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
+}
+
+pub fn error_response(e: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
+    let (status, code) = e.status_and_code();
+    let body = serde_json::json!({
+        "error": { "code": code, "message": e.to_string(), "request_id": request_id }
+    });
+    let mut resp = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_every_template() {
+        assert_eq!(route("/healthz"), Some(Route::Healthz));
+        assert_eq!(
+            route("/v1/tenants/acme/seal:batch"),
+            Some(Route::Tenant {
+                tenant: "acme",
+                action: Action::SealBatch
+            })
+        );
+        assert_eq!(
+            route("/v1/tenants/a%2Fb/open"),
+            Some(Route::Tenant {
+                tenant: "a%2Fb",
+                action: Action::Open
+            })
+        );
+        assert_eq!(route("/v1/tenants/acme/seal/extra"), None);
+        assert_eq!(route("/v1/tenants/acme"), None);
+        assert_eq!(route("/v2/tenants/acme/seal"), None);
+        for (_, template) in ROUTES {
+            let path = template.replace("{tenant}", "t");
+            assert!(route(&path).is_some(), "{template}");
+        }
+    }
+
+    #[test]
+    fn json_errors_never_quote_values() {
+        let secret = "c2VjcmV0LXZhbHVlLTEyMw==";
+        let body = format!(r#"{{"plaintext": 5, "aad": "{secret}", "x": 1}}"#);
+        let e = parse_json::<SealItem>(body.as_bytes())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(!e.to_string().contains(secret), "{e}");
+        let body = format!(r#"{{"ciphertext": ["{secret}"]}}"#);
+        let e = parse_json::<OpenItem>(body.as_bytes())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(!e.to_string().contains(secret), "{e}");
+        let e = parse_json::<OpenItem>(br#"{"ciphertext":"AA==","bogus":1}"#)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().starts_with("unknown field `bogus`"), "{e}");
+    }
+}

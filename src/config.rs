@@ -1,0 +1,524 @@
+//! Configuration: one TOML file plus `KMS_SIDECAR_*` environment overrides, parsed once into
+//! typed structs and validated at start with messages that name the key. Nothing else in the
+//! program reads configuration files or environment variables.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::Limits;
+use crate::api::auth::{Operation, Principal, TenantPattern};
+use crate::keyring::KeyringOptions;
+
+/// Prefix of environment overrides; `__` separates nested keys
+/// (`KMS_SIDECAR_CACHE__TTL_SECONDS=60` sets `cache.ttl_seconds`).
+pub const ENV_PREFIX: &str = "KMS_SIDECAR_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the store, keyfile, socket and dev token live by default.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Create tenants on first seal/datakey instead of answering 404 `tenant_not_found`.
+    #[serde(default)]
+    pub auto_create_tenants: bool,
+    /// tracing filter, e.g. `info` or `kms_sidecar=debug`.
+    #[serde(default = "default_log")]
+    pub log: String,
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Root keys in unwrap-preference order; new key versions are wrapped under all of them.
+    /// Default: one keyfile root at `<data_dir>/root.key`.
+    #[serde(default)]
+    pub roots: Vec<RootConfig>,
+    #[serde(default)]
+    pub principals: Vec<PrincipalConfig>,
+    /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
+    #[serde(skip)]
+    pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Unix socket path; default `<data_dir>/kms-sidecar.sock`; `""` disables it.
+    pub unix_socket: Option<PathBuf>,
+    /// Octal file mode of the socket.
+    #[serde(default = "default_socket_mode")]
+    pub unix_socket_mode: String,
+    /// TCP address (loopback only), e.g. `127.0.0.1:8787`; unset means no TCP listener.
+    pub tcp: Option<String>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            unix_socket: None,
+            unix_socket_mode: default_socket_mode(),
+            tcp: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_max_batch")]
+    pub max_batch_items: usize,
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: default_max_body(),
+            max_batch_items: default_max_batch(),
+            header_read_timeout_seconds: default_header_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: u64,
+    /// Bound on how long an unwrapped key is used before its root is asked again.
+    #[serde(default = "default_cache_ttl")]
+    pub ttl_seconds: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: default_cache_entries(),
+            ttl_seconds: default_cache_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite file; default `<data_dir>/store.db`.
+    pub sqlite_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum RootConfig {
+    /// An offline keyfile made by `kms-sidecar keyfile new`.
+    Keyfile {
+        path: PathBuf,
+        /// Environment variable holding the passphrase of a sealed keyfile.
+        passphrase_env: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    pub name: String,
+    #[serde(default)]
+    pub unix_uids: Vec<u32>,
+    #[serde(default)]
+    pub unix_gids: Vec<u32>,
+    /// Hex SHA-256 of each bearer token (`kms-sidecar token new` prints both).
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    /// Tenant patterns; `*` matches any run of characters.
+    pub tenants: Vec<String>,
+    /// Operations, or `"*"` for all.
+    pub operations: Vec<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_log() -> String {
+    "info".into()
+}
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+fn default_max_batch() -> usize {
+    1000
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_cache_entries() -> u64 {
+    100_000
+}
+fn default_cache_ttl() -> u64 {
+    300
+}
+
+/// A configuration error; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads `file` (or an empty config) and applies overrides from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError(format!("cannot read config {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
+            ConfigError(format!(
+                "config {}: {e}",
+                file.map(|p| p.display().to_string()).unwrap_or_default()
+            ))
+        })?;
+        let env_snapshot: std::collections::BTreeMap<String, zeroize::Zeroizing<String>> = env
+            .into_iter()
+            .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
+            .collect();
+        for (name, value) in &env_snapshot {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = key.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError(format!("{name}: malformed override name")));
+            }
+            set_path(&mut table, &path, env_value(value))
+                .map_err(|m| ConfigError(format!("{name}: {m}")))?;
+        }
+        let mut config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("configuration: {e}")))?;
+        for (i, root) in config.roots.iter().enumerate() {
+            let RootConfig::Keyfile {
+                passphrase_env: Some(var),
+                ..
+            } = root
+            else {
+                continue;
+            };
+            if var.starts_with(ENV_PREFIX) {
+                return Err(ConfigError(format!(
+                    "roots[{i}].passphrase_env: {var} must not start with {ENV_PREFIX}, which is for overrides"
+                )));
+            }
+            let value = env_snapshot.get(var).ok_or_else(|| {
+                ConfigError(format!(
+                    "roots[{i}].passphrase_env: environment variable {var} is not set"
+                ))
+            })?;
+            config.passphrases.insert(
+                var.clone(),
+                std::sync::Arc::new(secrecy::SecretString::from(value.as_str())),
+            );
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_mode()?;
+        if self.limits.max_body_bytes == 0 {
+            return Err(ConfigError("limits.max_body_bytes must be positive".into()));
+        }
+        if self.limits.max_batch_items == 0 {
+            return Err(ConfigError(
+                "limits.max_batch_items must be positive".into(),
+            ));
+        }
+        if self.cache.max_entries == 0 || self.cache.ttl_seconds == 0 {
+            return Err(ConfigError(
+                "cache.max_entries and cache.ttl_seconds must be positive".into(),
+            ));
+        }
+        if let Some(tcp) = &self.listen.tcp {
+            let addr: std::net::SocketAddr = tcp.parse().map_err(|_| {
+                ConfigError(format!(
+                    "listen.tcp: {tcp:?} is not an address like 127.0.0.1:8787"
+                ))
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError(format!(
+                    "listen.tcp: {tcp} is not a loopback address (TLS is not configured)"
+                )));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in self.principals.iter().enumerate() {
+            if !names.insert(p.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "principals[{i}].name: duplicate principal {:?}",
+                    p.name
+                )));
+            }
+        }
+        self.principals()?;
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(&self.listen.unix_socket_mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "listen.unix_socket_mode: {:?} is not an octal mode like \"0660\"",
+                    self.listen.unix_socket_mode
+                ))
+            })
+    }
+
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        match &self.listen.unix_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(self.data_dir.join("kms-sidecar.sock")),
+        }
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.store
+            .sqlite_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("store.db"))
+    }
+
+    pub fn passphrase(&self, var: &str) -> Option<&secrecy::SecretString> {
+        self.passphrases.get(var).map(|p| p.as_ref())
+    }
+
+    pub fn roots(&self) -> Vec<RootConfig> {
+        if self.roots.is_empty() {
+            vec![RootConfig::Keyfile {
+                path: self.data_dir.join("root.key"),
+                passphrase_env: None,
+            }]
+        } else {
+            self.roots.clone()
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.limits.max_body_bytes,
+            max_batch_items: self.limits.max_batch_items,
+            header_read_timeout: Duration::from_secs(self.limits.header_read_timeout_seconds),
+        }
+    }
+
+    pub fn keyring_options(&self) -> KeyringOptions {
+        KeyringOptions {
+            auto_create_tenants: self.auto_create_tenants,
+            cache_max_entries: self.cache.max_entries,
+            cache_ttl: Duration::from_secs(self.cache.ttl_seconds),
+        }
+    }
+
+    /// The principals, validated.
+    pub fn principals(&self) -> Result<Vec<Principal>, ConfigError> {
+        self.principals
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let key = |k: &str| format!("principals[{i}].{k}");
+                let token_hashes = p
+                    .token_sha256
+                    .iter()
+                    .map(|h| {
+                        let mut out = [0u8; 32];
+                        hex::decode_to_slice(h, &mut out)
+                            .map(|()| out)
+                            .map_err(|_| {
+                                ConfigError(format!(
+                                    "{}: must be 64 hex characters (SHA-256 of the token)",
+                                    key("token_sha256")
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let tenants = p
+                    .tenants
+                    .iter()
+                    .map(|t| {
+                        TenantPattern::parse(t)
+                            .map_err(|m| ConfigError(format!("{}: {m}", key("tenants"))))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut operations = BTreeSet::new();
+                for op in &p.operations {
+                    if op == "*" {
+                        operations.extend(Operation::ALL);
+                    } else {
+                        operations.insert(
+                            op.parse()
+                                .map_err(|m| ConfigError(format!("{}: {m}", key("operations"))))?,
+                        );
+                    }
+                }
+                Ok(Principal {
+                    name: p.name.clone(),
+                    unix_uids: p.unix_uids.clone(),
+                    unix_gids: p.unix_gids.clone(),
+                    token_hashes,
+                    tenants,
+                    operations,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An override's value as TOML when it parses as a scalar or array (`60`, `true`, `[1, 2]`),
+/// otherwise as a plain string (paths, addresses).
+fn env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [head, rest @ ..] => {
+            let entry = table
+                .entry(head.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(format!("`{head}` is not a table")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(
+            c.unix_socket(),
+            Some(PathBuf::from("./data/kms-sidecar.sock"))
+        );
+        assert_eq!(c.sqlite_path(), PathBuf::from("./data/store.db"));
+        assert_eq!(c.limits.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.socket_mode().unwrap(), 0o660);
+        assert!(!c.auto_create_tenants);
+        assert!(c.listen.tcp.is_none());
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_with_types() {
+        let c = load(
+            "[cache]\nttl_seconds = 5\n",
+            &[
+                ("KMS_SIDECAR_CACHE__TTL_SECONDS", "60"),
+                ("KMS_SIDECAR_AUTO_CREATE_TENANTS", "true"),
+                ("KMS_SIDECAR_LISTEN__TCP", "127.0.0.1:9999"),
+                ("KMS_SIDECAR_DATA_DIR", "/var/lib/kms"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.cache.ttl_seconds, 60);
+        assert!(c.auto_create_tenants);
+        assert_eq!(c.listen.tcp.as_deref(), Some("127.0.0.1:9999"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/kms"));
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let e = load("bogus = 1\n", &[]).unwrap_err().0;
+        assert!(e.contains("bogus"), "{e}");
+        let e = load("", &[("KMS_SIDECAR_CACHE__NOPE", "1")]).unwrap_err().0;
+        assert!(e.contains("nope"), "{e}");
+        let e = load("[listen]\ntcp = \"0.0.0.0:80\"\n", &[]).unwrap_err().0;
+        assert!(e.contains("listen.tcp"), "{e}");
+        let e = load("[limits]\nmax_body_bytes = \"big\"\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("max_body_bytes"), "{e}");
+        let e = load(
+            "[[principals]]\nname = \"a\"\ntenants = [\"*\"]\noperations = [\"fly\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("principals[0].operations"), "{e}");
+        let e = load(
+            "[[principals]]\nname = \"a\"\ntoken_sha256 = [\"zz\"]\ntenants = [\"*\"]\noperations = [\"*\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("principals[0].token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn principals_and_roots_parse() {
+        let c = load(
+            r#"
+[[roots]]
+kind = "keyfile"
+path = "/etc/kms/root.key"
+passphrase_env = "ROOT_PASS"
+
+[[principals]]
+name = "billing"
+unix_uids = [1000]
+tenants = ["acme-*"]
+operations = ["seal", "open"]
+"#,
+            &[],
+        )
+        .unwrap();
+        let p = &c.principals().unwrap()[0];
+        assert_eq!(p.unix_uids, vec![1000]);
+        assert!(p.operations.contains(&Operation::Seal));
+        assert!(!p.operations.contains(&Operation::Datakey));
+        assert!(
+            matches!(&c.roots()[0], RootConfig::Keyfile { passphrase_env: Some(v), .. } if v == "ROOT_PASS")
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Assembles a running sidecar from a `Config`: opens the store, loads the roots, builds the key
+//! ring and principals, prepares `--dev` defaults, binds the listeners and serves until stopped.
+//! Used by `main` and by the integration tests, so both start the same thing.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
+
+use crate::api::auth::{Authenticator, Principal, token_sha256};
+use crate::api::{self, AppState};
+use crate::config::{Config, RootConfig};
+use crate::keyring::{Keyring, KeyringStore};
+use crate::providers::RootProvider;
+use crate::providers::keyfile::{KdfParams, KeyfileRoot, create_keyfile};
+use crate::store::SqliteStore;
+
+/// Why a sidecar could not start: `Config` errors exit 2, `Runtime` errors exit 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// What `--dev` set up, for printing.
+#[derive(Debug, Clone)]
+pub struct DevSetup {
+    pub token_path: PathBuf,
+    /// The token, only when it was created by this start (shown once).
+    pub new_token: Option<String>,
+    pub created_keyfile: Option<PathBuf>,
+}
+
+/// Applies the `--dev` defaults: data dir, keyfile root (created if missing), auto-created
+/// tenants, TCP on 127.0.0.1:8787 unless configured, and a `dev` principal allowed everything:
+/// this process's uid on the socket and a bearer token kept in `<data_dir>/dev-token` (0600).
+pub fn prepare_dev(config: &mut Config, uid: u32) -> Result<DevSetup, StartError> {
+    ensure_private_dir(&config.data_dir)?;
+    config.auto_create_tenants = true;
+    if config.listen.tcp.is_none() {
+        config.listen.tcp = Some("127.0.0.1:8787".into());
+    }
+    let mut created_keyfile = None;
+    for root in config.roots() {
+        let RootConfig::Keyfile {
+            path,
+            passphrase_env: None,
+        } = root
+        else {
+            continue;
+        };
+        if !path.exists() {
+            create_keyfile(&path, None, KdfParams::default()).map_err(StartError::Runtime)?;
+            created_keyfile = Some(path);
+        }
+    }
+    let token_path = config.data_dir.join("dev-token");
+    let (token, new_token) = match std::fs::read_to_string(&token_path) {
+        Ok(t) => (Zeroizing::new(t.trim().to_owned()), None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = new_token().map_err(StartError::Runtime)?;
+            write_private(&token_path, format!("{}\n", token.as_str()).as_bytes())?;
+            (token.clone(), Some(token.to_string()))
+        }
+        Err(e) => {
+            return Err(StartError::Runtime(format!(
+                "cannot read {}: {e}",
+                token_path.display()
+            )));
+        }
+    };
+    config.principals.retain(|p| p.name != "dev");
+    config.principals.push(crate::config::PrincipalConfig {
+        name: "dev".into(),
+        unix_uids: vec![uid],
+        unix_gids: vec![],
+        token_sha256: vec![hex::encode(token_sha256(&token))],
+        tenants: vec!["*".into()],
+        operations: vec!["*".into()],
+    });
+    Ok(DevSetup {
+        token_path,
+        new_token,
+        created_keyfile,
+    })
+}
+
+/// A new random bearer token: `kms_` and 256 bits, URL-safe base64.
+pub fn new_token() -> Result<Zeroizing<String>, String> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    crate::crypto::fill_random(raw.as_mut_slice()).map_err(|e| e.to_string())?;
+    Ok(Zeroizing::new(format!(
+        "kms_{}",
+        URL_SAFE_NO_PAD.encode(raw.as_slice())
+    )))
+}
+
+fn ensure_private_dir(dir: &Path) -> Result<(), StartError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StartError::Runtime(format!("cannot create {}: {e}", dir.display())))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
+    let err =
+        |e: std::io::Error| StartError::Runtime(format!("cannot write {}: {e}", path.display()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(err)
+}
+
+/// Loads every configured root, in order.
+pub fn load_roots(config: &Config) -> Result<Vec<Arc<dyn RootProvider>>, StartError> {
+    config
+        .roots()
+        .iter()
+        .enumerate()
+        .map(|(i, root)| match root {
+            RootConfig::Keyfile {
+                path,
+                passphrase_env,
+            } => {
+                let pass = passphrase_env.as_deref().and_then(|v| config.passphrase(v));
+                KeyfileRoot::load(path, pass)
+                    .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
+                    .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
+            }
+        })
+        .collect()
+}
+
+/// Opens the configured store.
+pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, StartError> {
+    let path = config.sqlite_path();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        ensure_private_dir(parent)?;
+    }
+    SqliteStore::open(&path)
+        .map(Arc::new)
+        .map_err(|e| StartError::Runtime(format!("store {}: {e}", path.display())))
+}
+
+/// A sidecar serving in the background.
+pub struct Running {
+    pub unix_socket: Option<PathBuf>,
+    pub tcp_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains connections (bounded), removes the socket file.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+        if let Some(p) = &self.unix_socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Waits until the server stops on its own (it does not, unless stopped).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Builds everything from `config`, binds the listeners and starts serving.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let principals: Vec<Principal> = config
+        .principals()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let store = open_store(config)?;
+    let roots = load_roots(config)?;
+    let store: Arc<dyn KeyringStore> = store;
+    let keyring = Keyring::new(store, roots, config.keyring_options())
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let state = Arc::new(AppState {
+        keyring,
+        auth: Authenticator::new(principals),
+        limits: config.limits(),
+    });
+    let mode = config
+        .socket_mode()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let unix_socket = config.unix_socket();
+    let unix = match &unix_socket {
+        Some(p) => Some(api::bind_unix(p, mode).map_err(|e| StartError::Runtime(e.to_string()))?),
+        None => None,
+    };
+    let tcp = match &config.listen.tcp {
+        Some(addr) => Some(
+            api::bind_tcp(addr)
+                .await
+                .map_err(|e| StartError::Config(format!("listen.tcp: {e}")))?,
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    if unix.is_none() && tcp.is_none() {
+        return Err(StartError::Config(
+            "listen: neither a Unix socket nor TCP is configured".into(),
+        ));
+    }
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(api::serve(
+        state,
+        unix,
+        tcp,
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(10),
+    ));
+    Ok(Running {
+        unix_socket,
+        tcp_addr,
+        stop: Some(tx),
+        task,
+    })
+}
