@@ -15,6 +15,8 @@ use crate::keyring::KeyringOptions;
 /// Prefix of environment overrides; `__` separates nested keys
 /// (`KMS_SIDECAR_CACHE__TTL_SECONDS=60` sets `cache.ttl_seconds`).
 pub const ENV_PREFIX: &str = "KMS_SIDECAR_";
+/// A week: the cache TTL is the revocation bound, so a longer one is a mistake.
+pub const MAX_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,9 +248,17 @@ impl Config {
                 "limits.max_batch_items must be positive".into(),
             ));
         }
-        if self.cache.max_entries == 0 || self.cache.ttl_seconds == 0 {
+        if self.cache.max_entries == 0 {
+            return Err(ConfigError("cache.max_entries must be positive".into()));
+        }
+        if !(1..=MAX_TTL_SECONDS).contains(&self.cache.ttl_seconds) {
+            return Err(ConfigError(format!(
+                "cache.ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
+            )));
+        }
+        if !(1..=3600).contains(&self.limits.header_read_timeout_seconds) {
             return Err(ConfigError(
-                "cache.max_entries and cache.ttl_seconds must be positive".into(),
+                "limits.header_read_timeout_seconds must be between 1 and 3600".into(),
             ));
         }
         if let Some(tcp) = &self.listen.tcp {
@@ -346,14 +356,19 @@ impl Config {
                     .iter()
                     .map(|h| {
                         let mut out = [0u8; 32];
-                        hex::decode_to_slice(h, &mut out)
-                            .map(|()| out)
-                            .map_err(|_| {
-                                ConfigError(format!(
-                                    "{}: must be 64 hex characters (SHA-256 of the token)",
-                                    key("token_sha256")
-                                ))
-                            })
+                        hex::decode_to_slice(h, &mut out).map_err(|_| {
+                            ConfigError(format!(
+                                "{}: must be 64 hex characters (SHA-256 of the token)",
+                                key("token_sha256")
+                            ))
+                        })?;
+                        if out == crate::api::auth::token_sha256("") {
+                            return Err(ConfigError(format!(
+                                "{}: that is the hash of an empty token",
+                                key("token_sha256")
+                            )));
+                        }
+                        Ok(out)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let tenants = p
@@ -475,6 +490,22 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         let e = load("[listen]\ntcp = \"0.0.0.0:80\"\n", &[]).unwrap_err().0;
         assert!(e.contains("listen.tcp"), "{e}");
+        let e = load("[cache]\nttl_seconds = 99999999999\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("cache.ttl_seconds"), "{e}");
+        let e = load("[limits]\nheader_read_timeout_seconds = 0\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("header_read_timeout_seconds"), "{e}");
+        let empty = hex::encode(crate::api::auth::token_sha256(""));
+        let e = load(
+            &format!("[[principals]]\nname = \"a\"\ntoken_sha256 = [\"{empty}\"]\ntenants = [\"*\"]\noperations = [\"*\"]\n"),
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("empty token"), "{e}");
         let e = load("[limits]\nmax_body_bytes = \"big\"\n", &[])
             .unwrap_err()
             .0;
@@ -510,9 +541,20 @@ unix_uids = [1000]
 tenants = ["acme-*"]
 operations = ["seal", "open"]
 "#,
-            &[],
+            &[("ROOT_PASS", "correct horse")],
         )
         .unwrap();
+        assert!(c.passphrase("ROOT_PASS").is_some());
+        let e = load(
+            "[[roots]]\nkind = \"keyfile\"\npath = \"k\"\npassphrase_env = \"NOPE\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("roots[0].passphrase_env") && e.contains("NOPE"),
+            "{e}"
+        );
         let p = &c.principals().unwrap()[0];
         assert_eq!(p.unix_uids, vec![1000]);
         assert!(p.operations.contains(&Operation::Seal));

@@ -109,8 +109,11 @@ fn main() -> ExitCode {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, StartError> {
-    let mut config = Config::load(cli.config.as_deref(), std::env::vars())
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    // vars_os: an unrelated variable that is not UTF-8 must not abort the start.
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let mut config =
+        Config::load(cli.config.as_deref(), env).map_err(|e| StartError::Config(e.to_string()))?;
     if let Some(dir) = &cli.data_dir {
         config.data_dir = dir.clone();
     }

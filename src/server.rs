@@ -33,8 +33,7 @@ pub enum StartError {
     Runtime(String),
 }
 
-/// What `--dev` set up, for printing.
-#[derive(Debug, Clone)]
+/// What `--dev` set up, for printing. No `Debug`: it may hold the new token.
 pub struct DevSetup {
     pub token_path: PathBuf,
     /// The token, only when it was created by this start (shown once).
@@ -67,7 +66,17 @@ pub fn prepare_dev(config: &mut Config, uid: u32) -> Result<DevSetup, StartError
     }
     let token_path = config.data_dir.join("dev-token");
     let (token, new_token) = match std::fs::read_to_string(&token_path) {
-        Ok(t) => (Zeroizing::new(t.trim().to_owned()), None),
+        Ok(t) => {
+            check_private_file(&token_path)?;
+            let t = Zeroizing::new(t.trim().to_owned());
+            if !crate::api::auth::plausible_token(&t) {
+                return Err(StartError::Runtime(format!(
+                    "{} does not hold a usable token; delete it to make a new one",
+                    token_path.display()
+                )));
+            }
+            (t, None)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = new_token().map_err(StartError::Runtime)?;
             write_private(&token_path, format!("{}\n", token.as_str()).as_bytes())?;
@@ -106,8 +115,38 @@ pub fn new_token() -> Result<Zeroizing<String>, String> {
     )))
 }
 
+/// Refuses a secret file that another user owns or that group or others may access, as ssh
+/// does for private keys: such a file may have been planted or read.
+pub fn check_private_file(path: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(StartError::Config(format!(
+            "{} is owned by uid {}, not by this process",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(StartError::Config(format!(
+            "{} is accessible by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
+}
+
 fn ensure_private_dir(dir: &Path) -> Result<(), StartError> {
     if dir.is_dir() {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(dir)
+            && meta.mode() & 0o022 != 0
+        {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777),
+                "data directory is writable by group or others");
+        }
         return Ok(());
     }
     std::fs::DirBuilder::new()
@@ -141,6 +180,8 @@ pub fn load_roots(config: &Config) -> Result<Vec<Arc<dyn RootProvider>>, StartEr
                 passphrase_env,
             } => {
                 let pass = passphrase_env.as_deref().and_then(|v| config.passphrase(v));
+                check_private_file(path)
+                    .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))?;
                 KeyfileRoot::load(path, pass)
                     .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
                     .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
@@ -191,8 +232,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let principals: Vec<Principal> = config
         .principals()
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let store = open_store(config)?;
+    // Roots first: a refused root must not leave a fresh data dir or store behind.
     let roots = load_roots(config)?;
+    let store = open_store(config)?;
     let store: Arc<dyn KeyringStore> = store;
     let keyring = Keyring::new(store, roots, config.keyring_options())
         .map_err(|e| StartError::Config(e.to_string()))?;

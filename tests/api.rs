@@ -91,7 +91,7 @@ async fn every_failed_open_is_decrypt_failed() {
     let mut extended = raw.clone();
     extended.push(0);
     let cases: Vec<(&str, String, &[u8])> = vec![
-        ("another tenant", format!("/v1/tenants/other/open"), b"aad"),
+        ("another tenant", "/v1/tenants/other/open".into(), b"aad"),
         ("another aad", OPEN.into(), b"aaD"),
         ("no aad", OPEN.into(), b""),
     ];
@@ -532,4 +532,67 @@ async fn socket_is_mode_0660() {
     let s = Sidecar::start().await;
     let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
+}
+
+#[tokio::test]
+async fn store_files_hold_no_plaintext_key_or_value() {
+    use kms_sidecar::keyring::KeyringStore;
+    use kms_sidecar::providers::keyfile::{KeyfileRoot, parse_keyfile};
+    use kms_sidecar::providers::{RootProvider, WrapContext, WrapPurpose};
+    use kms_sidecar::tenant::TenantId;
+
+    let s = Sidecar::start().await;
+    let value = b"4111-1111-1111-1111 / jane@example.com";
+    let _ = seal(&s, "acme", value, None).await;
+    let r = s.post("/v1/tenants/acme/datakey", json!({})).await;
+    let issued = unb64(&r.str("plaintext_key"));
+
+    // Recover the tenant's data key the way the sidecar does: the root unwraps the stored wrap.
+    let data = s.data_dir();
+    let root_key = parse_keyfile(&std::fs::read(data.join("root.key")).unwrap(), None).unwrap();
+    let root = KeyfileRoot::from_key(&root_key).unwrap();
+    let store = kms_sidecar::store::SqliteStore::open(&data.join("store.db")).unwrap();
+    let tenant = TenantId::parse("acme").unwrap();
+    let version = store.key_version(&tenant, 1).await.unwrap().unwrap();
+    let ctx = WrapContext {
+        tenant: &tenant,
+        key_version: 1,
+        purpose: WrapPurpose::TenantDek,
+    };
+    let dek = root.unwrap(&version.wrappings[0].blob, &ctx).await.unwrap();
+
+    let mut files = Vec::new();
+    for f in std::fs::read_dir(&data).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("store.db")
+        {
+            files.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    assert!(!files.is_empty());
+    let needles: [(&str, &[u8]); 4] = [
+        ("data key", dek.expose()),
+        ("issued data key", &issued),
+        ("root key", &root_key[..]),
+        ("sealed value", value),
+    ];
+    for (path, bytes) in &files {
+        for (what, needle) in needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{what} found in {}",
+                path.display()
+            );
+        }
+    }
+    // The wrap itself is there: the grep can find what it looks for.
+    let blob = &version.wrappings[0].blob;
+    assert!(
+        files
+            .iter()
+            .any(|(_, b)| b.windows(blob.len()).any(|w| w == &blob[..]))
+    );
 }

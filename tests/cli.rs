@@ -276,3 +276,44 @@ fn token_new_prints_a_token_and_its_hash() {
     assert!(token.starts_with("kms_") && token.len() > 40);
     assert_eq!(hash, sha(&token));
 }
+
+#[test]
+fn secret_files_open_to_others_or_empty_tokens_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, msg) = run(&["keyfile", "new", "--out", "root.key"], &[], dir.path());
+    assert_eq!(code, 0, "{msg}");
+    std::fs::set_permissions(
+        dir.path().join("root.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[[roots]]\nkind = \"keyfile\"\npath = \"root.key\"\n",
+    )
+    .unwrap();
+    let (code, msg) = run(&["--config", "c.toml", "serve"], &[], dir.path());
+    assert_eq!(code, 2, "{msg}");
+    assert!(
+        msg.contains("roots[0]") && msg.contains("group or others"),
+        "{msg}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused start creates nothing"
+    );
+
+    // A dev token file left empty (say, by a crash) must not become a blank credential.
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let token = dir.path().join("data/dev-token");
+    std::fs::write(&token, "\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, msg) = run(
+        &["serve", "--dev"],
+        &[("KMS_SIDECAR_LISTEN__TCP", "127.0.0.1:0")],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{msg}");
+    assert!(msg.contains("does not hold a usable token"), "{msg}");
+}

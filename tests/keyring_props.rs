@@ -20,7 +20,11 @@ struct World {
 
 static WORLD: LazyLock<World> = LazyLock::new(|| {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("store.db")).unwrap());
     let root: Arc<dyn RootProvider> = Arc::new(KeyfileRoot::from_key(&[9; 32]).unwrap());
     let keyring = Keyring::new(
@@ -32,7 +36,11 @@ static WORLD: LazyLock<World> = LazyLock::new(|| {
         },
     )
     .unwrap();
-    World { rt, keyring, _dir: dir }
+    World {
+        rt,
+        keyring,
+        _dir: dir,
+    }
 });
 
 fn tenant(i: u8) -> TenantId {
@@ -41,9 +49,12 @@ fn tenant(i: u8) -> TenantId {
 
 fn seal(t: &TenantId, aad: &[u8], pt: &[u8]) -> Vec<u8> {
     let w = &*WORLD;
-    w.rt.block_on(w.keyring.seal(t, Purpose::Data, aad, SecretBytes::new(pt.to_vec())))
-        .unwrap()
-        .0
+    w.rt.block_on(
+        w.keyring
+            .seal(t, Purpose::Data, aad, SecretBytes::new(pt.to_vec())),
+    )
+    .unwrap()
+    .0
 }
 
 /// The stable API code an open ends with.
@@ -55,7 +66,11 @@ fn open_code(t: &TenantId, aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, &'static st
 }
 
 fn case() -> impl Strategy<Value = (u8, Vec<u8>, Vec<u8>)> {
-    (0u8..8, proptest::collection::vec(any::<u8>(), 0..32), proptest::collection::vec(any::<u8>(), 0..256))
+    (
+        0u8..8,
+        proptest::collection::vec(any::<u8>(), 0..32),
+        proptest::collection::vec(any::<u8>(), 0..256),
+    )
 }
 
 proptest! {

@@ -3,13 +3,16 @@
 //! every invalid one must fail. `KMS_SIDECAR_WRITE_VECTORS=1 cargo test --test vectors`
 //! rewrites the file (only ever needed if the format changes, which it must not for v1).
 
-use kms_sidecar::crypto::envelope::{Envelope, Purpose, SealContext, seal_with_salt};
 use kms_sidecar::crypto::DataKey;
+use kms_sidecar::crypto::envelope::{Envelope, Purpose, SealContext, seal_with_salt};
 use kms_sidecar::tenant::TenantId;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/envelope_v1.json");
+const PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/vectors/envelope_v1.json"
+);
 
 fn det(label: &str) -> [u8; 32] {
     Sha256::digest(format!("kms-sidecar test vector {label}").as_bytes()).into()
@@ -35,13 +38,55 @@ fn specs() -> Vec<Spec> {
     };
     vec![
         s("empty plaintext", "acme", 1, Purpose::Data, b"", b""),
-        s("short text with aad", "acme", 1, Purpose::Data, b"order-7", b"4111 1111 1111 1111"),
+        s(
+            "short text with aad",
+            "acme",
+            1,
+            Purpose::Data,
+            b"order-7",
+            b"4111 1111 1111 1111",
+        ),
         s("one block", "t", 2, Purpose::Data, b"", &[0x41; 16]),
-        s("1000 bytes", "tenant.eu-1_a", 7, Purpose::Data, &[0, 1, 2, 255], &(0..1000).map(|i| (i * 7 % 256) as u8).collect::<Vec<_>>()),
-        s("longest tenant id", &"T".repeat(128), 3, Purpose::Data, b"ctx", b"hello"),
-        s("max key version", "acme", u32::MAX, Purpose::Data, b"", b"x"),
-        s("data key purpose", "acme", 1, Purpose::DataKey, b"file-9", &det("datakey")),
-        s("token value purpose", "acme", 1, Purpose::TokenValue, b"", b"jane@example.com"),
+        s(
+            "1000 bytes",
+            "tenant.eu-1_a",
+            7,
+            Purpose::Data,
+            &[0, 1, 2, 255],
+            &(0..1000).map(|i| (i * 7 % 256) as u8).collect::<Vec<_>>(),
+        ),
+        s(
+            "longest tenant id",
+            &"T".repeat(128),
+            3,
+            Purpose::Data,
+            b"ctx",
+            b"hello",
+        ),
+        s(
+            "max key version",
+            "acme",
+            u32::MAX,
+            Purpose::Data,
+            b"",
+            b"x",
+        ),
+        s(
+            "data key purpose",
+            "acme",
+            1,
+            Purpose::DataKey,
+            b"file-9",
+            &det("datakey"),
+        ),
+        s(
+            "token value purpose",
+            "acme",
+            1,
+            Purpose::TokenValue,
+            b"",
+            b"jane@example.com",
+        ),
     ]
 }
 
@@ -60,7 +105,14 @@ fn generate() -> Value {
             purpose: spec.purpose,
             aad: &spec.aad,
         };
-        let ct = seal_with_salt(&DataKey::from_slice(&key).unwrap(), spec.key_version, &ctx, &spec.plaintext, &salt).unwrap();
+        let ct = seal_with_salt(
+            &DataKey::from_slice(&key).unwrap(),
+            spec.key_version,
+            &ctx,
+            &spec.plaintext,
+            &salt,
+        )
+        .unwrap();
         let base = json!({
             "name": spec.name,
             "key": hexs(&key),
@@ -78,7 +130,11 @@ fn generate() -> Value {
             continue;
         }
         // Invalid variants of one valid vector, each changing one thing.
-        let mut invalid = |comment: &str, ct: Vec<u8>, tenant: Option<&str>, aad: Option<&[u8]>, purpose: Option<u8>| {
+        let mut invalid = |comment: &str,
+                           ct: Vec<u8>,
+                           tenant: Option<&str>,
+                           aad: Option<&[u8]>,
+                           purpose: Option<u8>| {
             let mut v = base.clone();
             v["name"] = json!(format!("invalid: {comment}"));
             v["comment"] = json!(comment);
@@ -106,12 +162,64 @@ fn generate() -> Value {
         invalid("body bit flipped", flip(70), None, None, None);
         invalid("commitment bit flipped", flip(40), None, None, None);
         invalid("salt bit flipped", flip(6), None, None, None);
-        invalid("version byte 2", { let mut c = ct.clone(); c[0] = 2; c }, None, None, None);
-        invalid("suite byte 2", { let mut c = ct.clone(); c[1] = 2; c }, None, None, None);
-        invalid("key version 0", { let mut c = ct.clone(); c[2..6].copy_from_slice(&[0; 4]); c }, None, None, None);
-        invalid("truncated by one byte", ct[..n - 1].to_vec(), None, None, None);
-        invalid("extended by one byte", { let mut c = ct.clone(); c.push(0); c }, None, None, None);
-        invalid("shorter than the header", ct[..85].to_vec(), None, None, None);
+        invalid(
+            "version byte 2",
+            {
+                let mut c = ct.clone();
+                c[0] = 2;
+                c
+            },
+            None,
+            None,
+            None,
+        );
+        invalid(
+            "suite byte 2",
+            {
+                let mut c = ct.clone();
+                c[1] = 2;
+                c
+            },
+            None,
+            None,
+            None,
+        );
+        invalid(
+            "key version 0",
+            {
+                let mut c = ct.clone();
+                c[2..6].copy_from_slice(&[0; 4]);
+                c
+            },
+            None,
+            None,
+            None,
+        );
+        invalid(
+            "truncated by one byte",
+            ct[..n - 1].to_vec(),
+            None,
+            None,
+            None,
+        );
+        invalid(
+            "extended by one byte",
+            {
+                let mut c = ct.clone();
+                c.push(0);
+                c
+            },
+            None,
+            None,
+            None,
+        );
+        invalid(
+            "shorter than the header",
+            ct[..85].to_vec(),
+            None,
+            None,
+            None,
+        );
         invalid("another tenant", ct.clone(), Some("acme2"), None, None);
         invalid("another aad", ct.clone(), None, Some(b"order-8"), None);
         invalid("another purpose", ct.clone(), None, None, Some(2));
@@ -134,7 +242,11 @@ fn open(v: &Value) -> Option<Vec<u8>> {
         return None;
     }
     let aad = h("aad");
-    let ctx = SealContext { tenant: &tenant, purpose, aad: &aad };
+    let ctx = SealContext {
+        tenant: &tenant,
+        purpose,
+        aad: &aad,
+    };
     env.open(&DataKey::from_slice(&h("key")).unwrap(), &ctx)
         .ok()
         .map(|p| p.expose().to_vec())
@@ -147,7 +259,10 @@ fn committed_vectors_are_what_the_code_generates() {
         std::fs::write(PATH, &generated).unwrap();
     }
     let committed = std::fs::read_to_string(PATH).expect("tests/vectors/envelope_v1.json");
-    assert_eq!(committed, generated, "the v1 format changed: vectors no longer match");
+    assert_eq!(
+        committed, generated,
+        "the v1 format changed: vectors no longer match"
+    );
 }
 
 #[test]

@@ -158,6 +158,14 @@ pub struct Authenticator {
     principals: Vec<Principal>,
 }
 
+/// Shortest bearer token accepted; `kms-sidecar token new` makes 47-character tokens.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A token worth hashing: long enough, and visible ASCII only (no spaces, no control bytes).
+pub fn plausible_token(token: &str) -> bool {
+    token.len() >= MIN_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Hex SHA-256 of a bearer token, as the config stores it.
 pub fn token_sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -180,8 +188,12 @@ impl Authenticator {
             let token = value
                 .strip_prefix(b"Bearer ")
                 .ok_or(ApiError::Unauthenticated)?;
-            let token = std::str::from_utf8(token).map_err(|_| ApiError::Unauthenticated)?;
-            return self.by_token(token.trim()).ok_or(ApiError::Unauthenticated);
+            let token =
+                std::str::from_utf8(token.trim_ascii()).map_err(|_| ApiError::Unauthenticated)?;
+            if !plausible_token(token) {
+                return Err(ApiError::Unauthenticated);
+            }
+            return self.by_token(token).ok_or(ApiError::Unauthenticated);
         }
         match peer {
             Peer::Unix { uid, gid, .. } => self
@@ -251,26 +263,43 @@ mod tests {
     #[test]
     fn tokens_resolve_to_their_principal_only() {
         let auth = Authenticator::new(vec![
-            principal("a", "tok-a", &["a"], &[Operation::Seal]),
-            principal("b", "tok-b", &["b"], &[Operation::Open]),
+            principal("a", "tok-a-0123456789abc", &["a"], &[Operation::Seal]),
+            principal("b", "tok-b-0123456789abc", &["b"], &[Operation::Open]),
         ]);
         let tcp = Peer::Tcp("127.0.0.1:1".parse().unwrap());
         assert_eq!(
-            auth.authenticate(&tcp, Some(b"Bearer tok-b")).unwrap().name,
+            auth.authenticate(&tcp, Some(b"Bearer tok-b-0123456789abc"))
+                .unwrap()
+                .name,
             "b"
         );
         assert_eq!(
-            auth.authenticate(&tcp, Some(b"Bearer tok-c")).unwrap_err(),
+            auth.authenticate(&tcp, Some(b"Bearer tok-c-0123456789abc"))
+                .unwrap_err(),
             ApiError::Unauthenticated
         );
         assert_eq!(
-            auth.authenticate(&tcp, Some(b"Basic tok-a")).unwrap_err(),
+            auth.authenticate(&tcp, Some(b"Basic tok-a-0123456789abc"))
+                .unwrap_err(),
             ApiError::Unauthenticated
         );
         assert_eq!(
             auth.authenticate(&tcp, None).unwrap_err(),
             ApiError::Unauthenticated
         );
+        // Blank and short tokens never reach the hash comparison, even if such a hash is configured.
+        let weak = Authenticator::new(vec![principal("weak", "", &["*"], &[Operation::Seal])]);
+        for header in [
+            &b"Bearer "[..],
+            b"Bearer \xc2\xa0",
+            b"Bearer    ",
+            b"Bearer short",
+        ] {
+            assert_eq!(
+                weak.authenticate(&tcp, Some(header)).unwrap_err(),
+                ApiError::Unauthenticated
+            );
+        }
     }
 
     #[test]

@@ -171,6 +171,11 @@ struct ItemError {
 }
 
 #[derive(Serialize)]
+struct Results<T> {
+    results: Vec<ItemResult<T>>,
+}
+
+#[derive(Serialize)]
 #[serde(untagged)]
 enum ItemResult<T> {
     Ok(T),
@@ -334,7 +339,7 @@ async fn dispatch(
                     Err(e) => item_error(e)?,
                 });
             }
-            Ok(json_ok(&serde_json::json!({ "results": results })))
+            Ok(json_ok(&Results { results }))
         }
         Action::OpenBatch => {
             let batch: Batch<OpenItem> = parse_json(&body)?;
@@ -454,7 +459,7 @@ fn batch_open_response(
             Err(e) => item_error(e.clone())?,
         });
     }
-    Ok(secret_body(&serde_json::json!({ "results": results })))
+    Ok(secret_body(&Results { results }))
 }
 
 fn check_batch(state: &AppState, n: usize) -> Result<(), ApiError> {
@@ -566,9 +571,27 @@ fn json_ok<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
     }
 }
 
-/// JSON carrying secrets: serialised into a zeroizing buffer.
+/// Counts what a serialisation would write, so secret buffers are allocated once, exactly.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// JSON carrying secrets: serialised into a zeroizing buffer sized up front, so no
+/// reallocation leaves a partial copy behind.
 fn secret_body<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
-    let mut buf = Zeroizing::new(Vec::new());
+    let mut size = Counter(0);
+    if serde_json::to_writer(&mut size, v).is_err() {
+        return error_response(&ApiError::Internal, "unknown");
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(size.0));
     if serde_json::to_writer(&mut *buf, v).is_err() {
         return error_response(&ApiError::Internal, "unknown");
     }

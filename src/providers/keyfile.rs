@@ -174,6 +174,10 @@ fn stretch(
     salt: &[u8],
     params: KdfParams,
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
+    // Bounds keep a damaged or hostile file from exhausting memory or time at start.
+    if params.m_kib > 4 * 1024 * 1024 || params.t > 64 || params.p > 16 {
+        return Err("argon2id parameters out of range (m_kib <= 4 GiB, t <= 64, p <= 16)".into());
+    }
     let params = Params::new(params.m_kib, params.t, params.p, Some(KEY_LEN))
         .map_err(|e| format!("bad argon2id parameters: {e}"))?;
     let mut out = Zeroizing::new([0u8; KEY_LEN]);

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every check of the project, from a fresh Debian machine with Rust stable:
+# format, lints, all Rust tests (unit, property, integration against a real sidecar), the
+# independent Python check of the published envelope vectors, and the examples against a live
+# `serve --dev`. Installs what it needs when missing. Prints a closing "tests: N passed, M failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "prerequisites"
+if ! python3 -c 'import cryptography' 2>/dev/null; then
+  echo "installing the Python cryptography package (vector checker)"
+  python3 -m pip install --quiet 'cryptography>=42'
+fi
+for tool in curl python3; do
+  if ! command -v "$tool" >/dev/null; then
+    if [ "${CI:-}" = true ] || [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null
+    else
+      echo "missing $tool" >&2; exit 1
+    fi
+  fi
+done
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test (unit, property, integration, benches in test mode)"
+cargo test --locked --all-targets 2>&1 | tee "$log/cargo-test.txt"
+
+step "independent Python check of tests/vectors (docs/envelope.md only)"
+python3 scripts/check_vectors.py | tee "$log/vectors.txt"
+python3 scripts/check_vectors.py --self-test | tee "$log/selftest.txt"
+
+step "examples against a live serve --dev"
+cargo build --locked --bin kms-sidecar
+work=$(mktemp -d)
+(cd "$work" && KMS_SIDECAR_LISTEN__TCP=127.0.0.1:0 "$root/target/debug/kms-sidecar" serve --dev >"$log/serve.out" 2>"$log/serve.err") &
+pid=$!
+for _ in $(seq 1 200); do [ -S "$work/data/kms-sidecar.sock" ] && break; sleep 0.05; done
+examples_ok=0; examples_failed=0
+for ex in "bash examples/curl.sh" "python3 examples/client.py"; do
+  if $ex "$work/data/kms-sidecar.sock" >"$log/example.txt" 2>&1; then
+    echo "ok   $ex"; examples_ok=$((examples_ok + 1))
+  else
+    echo "FAIL $ex"; cat "$log/example.txt"; examples_failed=$((examples_failed + 1))
+  fi
+done
+kill "$pid"; wait "$pid" || true
+rm -rf "$work"
+
+# Sum what every runner reported into one closing line.
+read -r cargo_passed cargo_failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log/cargo-test.txt")
+# Each vector is a test; the checker's self-test counts as one.
+read -r py_passed py_failed < <(awk '/^vectors: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 } /^self-test: [0-9]+ passed, [0-9]+ failed$/ { if ($4 == 0) p += 1; else f += 1 } END { print p + 0, f + 0 }' "$log/vectors.txt" "$log/selftest.txt")
+passed=$((cargo_passed + py_passed + examples_ok))
+failed=$((cargo_failed + py_failed + examples_failed))
+echo
+echo "tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
