@@ -25,7 +25,7 @@ for tool in curl python3; do
     fi
   fi
 done
-rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+{ cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1 || rustup component add rustfmt clippy
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
