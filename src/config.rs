@@ -44,6 +44,12 @@ pub struct Config {
     pub roots: Vec<RootConfig>,
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub shred: ShredConfig,
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
     #[serde(skip)]
     pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
@@ -111,6 +117,77 @@ impl Default for CacheConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Default `<data_dir>/audit.jsonl`; rotated files sit beside it as `<name>.<last seq>`.
+    pub path: Option<PathBuf>,
+    #[serde(default = "default_fsync")]
+    pub fsync: crate::audit::FsyncPolicy,
+    #[serde(default = "default_audit_file_bytes")]
+    pub max_file_bytes: u64,
+    #[serde(default = "default_data_plane")]
+    pub data_plane: crate::audit::DataPlane,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: None,
+            fsync: default_fsync(),
+            max_file_bytes: default_audit_file_bytes(),
+            data_plane: default_data_plane(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShredConfig {
+    /// How long a shred request waits for a second admin's approval.
+    #[serde(default = "default_approval_window")]
+    pub approval_window_seconds: u64,
+}
+
+impl Default for ShredConfig {
+    fn default() -> Self {
+        ShredConfig {
+            approval_window_seconds: default_approval_window(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Rotate every tenant whose active key is older than this; 0 = never automatically.
+    #[serde(default)]
+    pub period_seconds: u64,
+    /// Per-tenant periods; the first matching pattern wins over `period_seconds`.
+    #[serde(default)]
+    pub tenants: Vec<TenantRotation>,
+    #[serde(default = "default_rotation_check")]
+    pub check_interval_seconds: u64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            period_seconds: 0,
+            tenants: Vec::new(),
+            check_interval_seconds: default_rotation_check(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRotation {
+    pub pattern: String,
+    /// 0 = never for these tenants.
+    pub period_seconds: u64,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
@@ -169,6 +246,21 @@ fn default_cache_entries() -> u64 {
 }
 fn default_cache_ttl() -> u64 {
     300
+}
+fn default_fsync() -> crate::audit::FsyncPolicy {
+    crate::audit::FsyncPolicy::Always
+}
+fn default_audit_file_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_data_plane() -> crate::audit::DataPlane {
+    crate::audit::DataPlane::Aggregate
+}
+fn default_approval_window() -> u64 {
+    24 * 3600
+}
+fn default_rotation_check() -> u64 {
+    60
 }
 
 /// A configuration error; the message names the key.
@@ -273,6 +365,25 @@ impl Config {
                 )));
             }
         }
+        if self.shred.approval_window_seconds == 0 {
+            return Err(ConfigError(
+                "shred.approval_window_seconds must be positive".into(),
+            ));
+        }
+        if self.rotation.check_interval_seconds == 0 {
+            return Err(ConfigError(
+                "rotation.check_interval_seconds must be positive".into(),
+            ));
+        }
+        if self.audit.max_file_bytes < 4096 {
+            return Err(ConfigError(
+                "audit.max_file_bytes must be at least 4096".into(),
+            ));
+        }
+        for (i, r) in self.rotation.tenants.iter().enumerate() {
+            TenantPattern::parse(&r.pattern)
+                .map_err(|m| ConfigError(format!("rotation.tenants[{i}].pattern: {m}")))?;
+        }
         let mut names = BTreeSet::new();
         for (i, p) in self.principals.iter().enumerate() {
             if !names.insert(p.name.as_str()) {
@@ -326,6 +437,36 @@ impl Config {
         } else {
             self.roots.clone()
         }
+    }
+
+    pub fn audit_options(&self) -> crate::audit::AuditOptions {
+        crate::audit::AuditOptions {
+            path: self
+                .audit
+                .path
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("audit.jsonl")),
+            fsync: self.audit.fsync,
+            max_file_bytes: self.audit.max_file_bytes,
+            data_plane: self.audit.data_plane,
+        }
+    }
+
+    /// The automatic rotation period of a tenant, if any.
+    pub fn rotation_period(&self, tenant: &crate::tenant::TenantId) -> Option<Duration> {
+        let secs = self
+            .rotation
+            .tenants
+            .iter()
+            .find(|r| TenantPattern::parse(&r.pattern).is_ok_and(|p| p.matches(tenant)))
+            .map_or(self.rotation.period_seconds, |r| r.period_seconds);
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    /// Whether any automatic rotation is configured.
+    pub fn rotation_enabled(&self) -> bool {
+        self.rotation.period_seconds > 0
+            || self.rotation.tenants.iter().any(|t| t.period_seconds > 0)
     }
 
     pub fn limits(&self) -> Limits {

@@ -61,6 +61,33 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Destroy key material, with a second admin's approval (through the running sidecar).
+    Shred {
+        #[command(subcommand)]
+        command: ShredCommand,
+    },
+    /// Root keys: move every stored key version to another root.
+    Roots {
+        #[command(subcommand)]
+        command: RootsCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// How admin commands reach the running sidecar.
+#[derive(clap::Args)]
+struct Remote {
+    /// The sidecar's Unix socket (default: the configured one). The caller is identified by
+    /// its uid, as any socket client.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Environment variable holding a bearer token to identify as instead of the uid.
+    #[arg(long)]
+    token_env: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +118,66 @@ enum TenantsCommand {
 enum KeysCommand {
     /// List a tenant's key versions, states and roots.
     List { tenant: String },
+    /// Make a new version active (older ones keep opening), through the running sidecar.
+    Rotate {
+        /// The tenant to rotate.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        tenant: Option<String>,
+        /// Rotate every tenant the caller may rotate.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Refuse opens of versions below N (`key_version_retired`), through the running sidecar.
+    Retire {
+        tenant: String,
+        #[arg(long)]
+        below: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShredCommand {
+    /// Ask to destroy a tenant's keys (or one version); prints the approval id.
+    Request {
+        tenant: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Approve (and so execute) another admin's request.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Pending requests.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootsCommand {
+    /// Rewrap every stored key version under root TO (a root id, or its index in [[roots]]),
+    /// removing wraps under FROM in the same step. Resumable: rerun after a crash.
+    Rewrap {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; with no FILE, the configured log and its rotated files in order.
+    Verify { files: Vec<PathBuf> },
 }
 
 fn main() -> ExitCode {
@@ -202,6 +289,188 @@ fn run(cli: Cli) -> Result<(), StartError> {
             })
         }
         Command::Keys {
+            command:
+                KeysCommand::Rotate {
+                    tenant,
+                    all,
+                    remote,
+                },
+        } => {
+            let config = load_config(&cli)?;
+            runtime()?.block_on(async {
+                let tenants = match (tenant, all) {
+                    (Some(t), _) => vec![t.clone()],
+                    (None, _) => {
+                        let v = admin_call(&config, remote, "GET", "/v1/tenants", None).await?;
+                        v["tenants"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|t| t["destroyed_at"].is_null())
+                            .filter_map(|t| t["tenant"].as_str().map(str::to_owned))
+                            .collect()
+                    }
+                };
+                let mut failed = 0;
+                for t in &tenants {
+                    match admin_call(
+                        &config,
+                        remote,
+                        "POST",
+                        &format!("/v1/tenants/{t}/keys:rotate"),
+                        Some("{}"),
+                    )
+                    .await
+                    {
+                        Ok(v) => println!("{t}: active version {}", v["active_version"]),
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("{t}: {e}");
+                        }
+                    }
+                }
+                println!(
+                    "rotated {} of {} tenants",
+                    tenants.len() - failed,
+                    tenants.len()
+                );
+                if failed > 0 {
+                    return Err(StartError::Runtime(format!("{failed} rotations failed")));
+                }
+                Ok(())
+            })
+        }
+        Command::Keys {
+            command:
+                KeysCommand::Retire {
+                    tenant,
+                    below,
+                    remote,
+                },
+        } => {
+            let config = load_config(&cli)?;
+            runtime()?.block_on(async {
+                let body = format!("{{\"min_decrypt_version\":{below}}}");
+                let v = admin_call(
+                    &config,
+                    remote,
+                    "POST",
+                    &format!("/v1/tenants/{tenant}/keys:retire"),
+                    Some(&body),
+                )
+                .await?;
+                println!(
+                    "{tenant}: versions below {} no longer open",
+                    v["min_decrypt_version"]
+                );
+                Ok(())
+            })
+        }
+        Command::Shred { command } => {
+            let config = load_config(&cli)?;
+            runtime()?.block_on(async {
+                match command {
+                    ShredCommand::Request {
+                        tenant,
+                        version,
+                        remote,
+                    } => {
+                        let body = match version {
+                            Some(v) => format!("{{\"version\":{v}}}"),
+                            None => "{}".into(),
+                        };
+                        let v = admin_call(
+                            &config,
+                            remote,
+                            "POST",
+                            &format!("/v1/tenants/{tenant}:shred"),
+                            Some(&body),
+                        )
+                        .await?;
+                        println!(
+                            "approval {} pending until {} (unix); a different admin runs:",
+                            v["approval_id"].as_str().unwrap_or("?"),
+                            v["expires_at"]
+                        );
+                        println!(
+                            "  kms-sidecar shred approve {}",
+                            v["approval_id"].as_str().unwrap_or("?")
+                        );
+                    }
+                    ShredCommand::Approve { id, remote } => {
+                        let v = admin_call(
+                            &config,
+                            remote,
+                            "POST",
+                            &format!("/v1/approvals/{id}:approve"),
+                            Some("{}"),
+                        )
+                        .await?;
+                        println!(
+                            "shredded {} ({}), requested by {}, approved by {}",
+                            v["tenant"].as_str().unwrap_or("?"),
+                            v["action"].as_str().unwrap_or("?"),
+                            v["requested_by"].as_str().unwrap_or("?"),
+                            v["approved_by"].as_str().unwrap_or("?")
+                        );
+                    }
+                    ShredCommand::List { remote } => {
+                        let v = admin_call(&config, remote, "GET", "/v1/approvals", None).await?;
+                        println!(
+                            "{:<38} {:<14} {:<30} {:<16} {:>12}",
+                            "APPROVAL", "ACTION", "TENANT", "REQUESTED_BY", "EXPIRES_AT"
+                        );
+                        for a in v["approvals"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<38} {:<14} {:<30} {:<16} {:>12}",
+                                a["approval_id"].as_str().unwrap_or(""),
+                                a["action"].as_str().unwrap_or(""),
+                                a["tenant"].as_str().unwrap_or(""),
+                                a["requested_by"].as_str().unwrap_or(""),
+                                a["expires_at"]
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }
+        Command::Roots {
+            command: RootsCommand::Rewrap { to, from },
+        } => {
+            let config = load_config(&cli)?;
+            init_logging(&config.log)?;
+            runtime()?.block_on(roots_rewrap(&config, to, from.as_deref()))
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => {
+            let config = load_config(&cli)?;
+            let files = if files.is_empty() {
+                let path = config.audit_options().path;
+                let mut all = kms_sidecar::audit::rotated_files(&path)
+                    .map_err(|e| StartError::Runtime(e.to_string()))?;
+                all.push(path);
+                all
+            } else {
+                files.clone()
+            };
+            match kms_sidecar::audit::verify(&files) {
+                Ok(v) => {
+                    println!(
+                        "ok: {} records (seq {}..{}) in {} file(s); last hash {}",
+                        v.records,
+                        v.first_seq,
+                        v.last_seq,
+                        files.len(),
+                        v.last_hash
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(StartError::Runtime(format!("audit chain broken: {e}"))),
+            }
+        }
+        Command::Keys {
             command: KeysCommand::List { tenant },
         } => {
             let config = load_config(&cli)?;
@@ -292,4 +561,171 @@ async fn serve(config: Config, dev: Option<server::DevSetup>) -> Result<(), Star
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
+}
+
+/// Calls the running sidecar's API over its Unix socket; non-2xx answers become errors carrying
+/// the API's code and message.
+async fn admin_call(
+    config: &Config,
+    remote: &Remote,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<serde_json::Value, StartError> {
+    use http_body_util::{BodyExt, Full};
+    let socket = remote
+        .socket
+        .clone()
+        .or_else(|| config.unix_socket())
+        .ok_or_else(|| StartError::Config("no Unix socket configured; pass --socket".into()))?;
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|e| {
+            StartError::Runtime(format!(
+                "cannot reach the sidecar at {}: {e}",
+                socket.display()
+            ))
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| StartError::Runtime(format!("handshake: {e}")))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json");
+    if let Some(var) = &remote.token_env {
+        let token = std::env::var(var)
+            .map_err(|_| StartError::Config(format!("--token-env: {var} is not set")))?;
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or("").to_owned())))
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| StartError::Runtime(format!("request failed: {e}")))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| StartError::Runtime(e.to_string()))?
+        .to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if !status.is_success() {
+        return Err(StartError::Runtime(format!(
+            "{} {}: {}",
+            status.as_u16(),
+            value["error"]["code"].as_str().unwrap_or("error"),
+            value["error"]["message"].as_str().unwrap_or("")
+        )));
+    }
+    Ok(value)
+}
+
+/// Picks a configured root by id or by index in `[[roots]]`.
+fn pick_root(
+    roots: &[std::sync::Arc<dyn kms_sidecar::providers::RootProvider>],
+    which: &str,
+    flag: &str,
+) -> Result<std::sync::Arc<dyn kms_sidecar::providers::RootProvider>, StartError> {
+    let found = match which.parse::<usize>() {
+        Ok(i) => roots.get(i),
+        Err(_) => roots.iter().find(|r| r.id().as_str() == which),
+    };
+    found.cloned().ok_or_else(|| {
+        let known: Vec<String> = roots
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{i}={}", r.id()))
+            .collect();
+        StartError::Config(format!(
+            "{flag}: no configured root {which:?} (configured: {})",
+            known.join(", ")
+        ))
+    })
+}
+
+async fn roots_rewrap(config: &Config, to: &str, from: Option<&str>) -> Result<(), StartError> {
+    use kms_sidecar::keyring::{RewrapPlan, rewrap_roots};
+    let roots = server::load_roots(config)?;
+    let target = pick_root(&roots, to, "--to")?;
+    let drop = match from {
+        Some(f) => Some(match pick_root(&roots, f, "--from") {
+            Ok(r) => r.id().clone(),
+            // A root no longer configured can still be named by id, to drop its wraps.
+            Err(_) if f.contains(':') => kms_sidecar::providers::RootId::new(f),
+            Err(e) => return Err(e),
+        }),
+        None => None,
+    };
+    let store = server::open_store(config)?;
+    let audit = kms_sidecar::audit::Audit::open(config.audit_options())
+        .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
+    let user = format!("cli:uid={}", nix::unistd::getuid().as_raw());
+    let detail = format!(
+        "to {}{}",
+        target.id(),
+        drop.as_ref()
+            .map(|d| format!(", dropping {d}"))
+            .unwrap_or_default()
+    );
+    audit
+        .admin(kms_sidecar::audit::Record {
+            operation: "admin.roots.rewrap".into(),
+            outcome: "started".into(),
+            principal: Some(user.clone()),
+            detail: Some(detail.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StartError::Runtime(format!("audit: {e}; nothing was changed")))?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} key versions ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let plan = RewrapPlan {
+        roots: roots.clone(),
+        to: target.clone(),
+        drop,
+    };
+    let summary = rewrap_roots(store.as_ref(), &plan, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await
+    .map_err(|e| StartError::Runtime(e.to_string()))?;
+    bar.finish_and_clear();
+    println!(
+        "root rewrap {detail}: {} live versions, {} rewrapped now, {} already done, {} destroyed skipped, {} failed",
+        summary.versions,
+        summary.rewrapped,
+        summary.already_done,
+        summary.destroyed,
+        summary.failed
+    );
+    let outcome = if summary.failed == 0 { "ok" } else { "error" };
+    audit
+        .admin(kms_sidecar::audit::Record {
+            operation: "admin.roots.rewrap".into(),
+            outcome: outcome.into(),
+            principal: Some(user),
+            count: Some(summary.rewrapped),
+            detail: Some(detail),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
+    match summary.first_error {
+        Some(e) => Err(StartError::Runtime(format!(
+            "{} versions failed (first: {e}); fix the cause and rerun: finished versions are skipped",
+            summary.failed
+        ))),
+        None => Ok(()),
+    }
 }

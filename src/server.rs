@@ -207,6 +207,9 @@ pub struct Running {
     pub tcp_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// Change feed, audit aggregation, automatic rotation.
+    background: Vec<JoinHandle<()>>,
+    audit: crate::audit::Audit,
 }
 
 impl Running {
@@ -216,6 +219,13 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        for t in &self.background {
+            t.abort();
+        }
+        self.audit.flush_aggregate();
+        if let Err(e) = self.audit.flush().await {
+            tracing::error!(error = %e, "audit records may be lost at shutdown");
+        }
         if let Some(p) = &self.unix_socket {
             let _ = std::fs::remove_file(p);
         }
@@ -238,10 +248,49 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let store: Arc<dyn KeyringStore> = store;
     let keyring = Keyring::new(store, roots, config.keyring_options())
         .map_err(|e| StartError::Config(e.to_string()))?;
+    let audit = crate::audit::Audit::open(config.audit_options())
+        .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
+    let mut background = vec![keyring.follow_changes(Duration::from_millis(250))];
+    {
+        let audit = audit.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                audit.flush_aggregate();
+            }
+        }));
+    }
+    if config.rotation_enabled() {
+        let (kr, cfg, audit) = (keyring.clone(), config.clone(), audit.clone());
+        background.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_secs(cfg.rotation.check_interval_seconds));
+            loop {
+                tick.tick().await;
+                match kr.rotate_due(|t| cfg.rotation_period(t)).await {
+                    Ok(rotated) => {
+                        for t in rotated {
+                            audit.event(crate::audit::Record {
+                                operation: "admin.rotate".into(),
+                                outcome: "ok".into(),
+                                principal: Some("auto-rotation".into()),
+                                tenant: Some(t.to_string()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "automatic rotation failed"),
+                }
+            }
+        }));
+    }
     let state = Arc::new(AppState {
         keyring,
         auth: Authenticator::new(principals),
         limits: config.limits(),
+        audit: audit.clone(),
+        shred_window: Duration::from_secs(config.shred.approval_window_seconds),
     });
     let mode = config
         .socket_mode()
@@ -280,5 +329,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         tcp_addr,
         stop: Some(tx),
         task,
+        background,
+        audit,
     })
 }

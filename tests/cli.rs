@@ -317,3 +317,102 @@ fn secret_files_open_to_others_or_empty_tokens_are_refused() {
     assert_eq!(code, 1, "{msg}");
     assert!(msg.contains("does not hold a usable token"), "{msg}");
 }
+
+#[tokio::test]
+async fn admin_commands_go_through_the_running_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = "tok-second-admin-0123456789";
+    std::fs::write(
+        dir.path().join("extra.toml"),
+        format!(
+            "[[principals]]\nname = \"second-admin\"\ntoken_sha256 = [\"{}\"]\ntenants = [\"*\"]\noperations = [\"admin.shred\", \"keys.read\"]\n",
+            sha(second)
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["--config", "extra.toml", "serve", "--dev"])
+        .current_dir(dir.path())
+        .env("KMS_SIDECAR_LISTEN__TCP", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Proc(child);
+    let socket = dir.path().join("data/kms-sidecar.sock");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = post(
+        &socket,
+        "/v1/tenants/demo/seal",
+        json!({ "plaintext": "AA==" }),
+    )
+    .await;
+    let old = r.str("ciphertext");
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["--config", "extra.toml"];
+        all.extend_from_slice(args);
+        run(&all, env, dir.path())
+    };
+    let (code, out) = cli(&["keys", "rotate", "demo"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("demo: active version 2"), "{out}");
+    let (code, out) = cli(&["keys", "rotate", "--all"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rotated 1 of 1 tenants"), "{out}");
+    let (code, out) = cli(&["keys", "retire", "demo", "--below", "2"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let r = post(
+        &socket,
+        "/v1/tenants/demo/open",
+        json!({ "ciphertext": old }),
+    )
+    .await;
+    assert_eq!(r.code(), "key_version_retired");
+
+    // Four eyes: the dev principal (by uid) requests, it cannot approve, the second admin can.
+    let (code, out) = cli(&["shred", "request", "demo"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let id = out.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(id.starts_with("apr_"), "{out}");
+    let (code, out) = cli(
+        &["shred", "list", "--token-env", "SECOND"],
+        &[("SECOND", second)],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&id) && out.contains("dev"), "{out}");
+    let (code, out) = cli(&["shred", "approve", &id], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("approval_same_principal"), "{out}");
+    let (code, out) = cli(
+        &["shred", "approve", &id, "--token-env", "SECOND"],
+        &[("SECOND", second)],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("requested by dev, approved by second-admin"),
+        "{out}"
+    );
+    let r = post(
+        &socket,
+        "/v1/tenants/demo/seal",
+        json!({ "plaintext": "AA==" }),
+    )
+    .await;
+    assert_eq!(r.code(), "tenant_destroyed");
+    drop(server);
+
+    let (code, out) = run(&["audit", "verify"], &[], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: "), "{out}");
+    // Tampering with the real log is caught by the CLI.
+    let log = dir.path().join("data/audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("second-admin", "second-admiN", 1)).unwrap();
+    let (code, out) = run(&["audit", "verify"], &[], dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("edited"), "{out}");
+}

@@ -20,16 +20,26 @@ pub enum Operation {
     Open,
     Datakey,
     DatakeyUnwrap,
+    /// Re-seal under the active version; the caller never sees the plaintext.
+    Rewrap,
     KeysRead,
+    AdminRotate,
+    AdminRetire,
+    /// Request and approve destruction of key material (two distinct principals needed).
+    AdminShred,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 5] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Seal,
         Operation::Open,
         Operation::Datakey,
         Operation::DatakeyUnwrap,
+        Operation::Rewrap,
         Operation::KeysRead,
+        Operation::AdminRotate,
+        Operation::AdminRetire,
+        Operation::AdminShred,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -38,7 +48,11 @@ impl Operation {
             Operation::Open => "open",
             Operation::Datakey => "datakey",
             Operation::DatakeyUnwrap => "datakey.unwrap",
+            Operation::Rewrap => "rewrap",
             Operation::KeysRead => "keys.read",
+            Operation::AdminRotate => "admin.rotate",
+            Operation::AdminRetire => "admin.retire",
+            Operation::AdminShred => "admin.shred",
         }
     }
 }
@@ -126,6 +140,11 @@ pub struct Principal {
 impl Principal {
     pub fn may(&self, op: Operation, tenant: &TenantId) -> bool {
         self.operations.contains(&op) && self.tenants.iter().any(|p| p.matches(tenant))
+    }
+
+    /// Whether the principal holds `op` on any tenant at all.
+    pub fn holds(&self, op: Operation) -> bool {
+        self.operations.contains(&op)
     }
 }
 

@@ -33,6 +33,24 @@ pub enum ApiError {
     TenantNotFound,
     #[error("decryption failed")]
     DecryptFailed,
+    #[error("tenant destroyed")]
+    TenantDestroyed,
+    #[error("key version destroyed")]
+    KeyVersionDestroyed,
+    #[error("key version retired: below the tenant's min_decrypt_version")]
+    KeyVersionRetired,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("approval not found")]
+    ApprovalNotFound,
+    #[error("approval expired")]
+    ApprovalExpired,
+    #[error("the principal that requested a shred cannot approve it")]
+    ApprovalSamePrincipal,
+    #[error("approval is no longer pending")]
+    ApprovalNotPending,
+    #[error("audit log unavailable; the operation was not performed")]
+    AuditUnavailable,
     #[error("root key unavailable")]
     RootKeyUnavailable,
     #[error("access to the root key was denied")]
@@ -64,6 +82,15 @@ impl ApiError {
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             TenantNotFound => (StatusCode::NOT_FOUND, "tenant_not_found"),
             DecryptFailed => (StatusCode::BAD_REQUEST, "decrypt_failed"),
+            TenantDestroyed => (StatusCode::GONE, "tenant_destroyed"),
+            KeyVersionDestroyed => (StatusCode::GONE, "key_version_destroyed"),
+            KeyVersionRetired => (StatusCode::CONFLICT, "key_version_retired"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApprovalNotFound => (StatusCode::NOT_FOUND, "approval_not_found"),
+            ApprovalExpired => (StatusCode::GONE, "approval_expired"),
+            ApprovalSamePrincipal => (StatusCode::FORBIDDEN, "approval_same_principal"),
+            ApprovalNotPending => (StatusCode::CONFLICT, "approval_not_pending"),
+            AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             RootKeyUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "root_key_unavailable"),
             RootKeyAccessDenied => (StatusCode::FORBIDDEN, "root_key_access_denied"),
             KeyUnwrapFailed => (StatusCode::INTERNAL_SERVER_ERROR, "key_unwrap_failed"),
@@ -79,6 +106,14 @@ impl From<KeyringError> for ApiError {
         match e {
             KeyringError::TenantNotFound => ApiError::TenantNotFound,
             KeyringError::DecryptFailed => ApiError::DecryptFailed,
+            KeyringError::TenantDestroyed => ApiError::TenantDestroyed,
+            KeyringError::KeyVersionDestroyed => ApiError::KeyVersionDestroyed,
+            KeyringError::KeyVersionRetired => ApiError::KeyVersionRetired,
+            KeyringError::Refused(m) => ApiError::Conflict(m),
+            KeyringError::ApprovalNotFound => ApiError::ApprovalNotFound,
+            KeyringError::ApprovalExpired => ApiError::ApprovalExpired,
+            KeyringError::ApprovalSamePrincipal => ApiError::ApprovalSamePrincipal,
+            KeyringError::ApprovalNotPending => ApiError::ApprovalNotPending,
             KeyringError::KeyUnwrapFailed { .. } => ApiError::KeyUnwrapFailed,
             KeyringError::Provider(p) => match p {
                 ProviderError::Unavailable { .. } => ApiError::RootKeyUnavailable,
@@ -88,6 +123,7 @@ impl From<KeyringError> for ApiError {
             },
             KeyringError::Store(StoreError::Unavailable(_)) => ApiError::StoreUnavailable,
             KeyringError::Store(StoreError::Corrupt(_)) => ApiError::Internal,
+            KeyringError::Store(StoreError::Refused(m)) => ApiError::Conflict(m),
             KeyringError::Crypto(_) | KeyringError::Internal(_) => ApiError::Internal,
         }
     }

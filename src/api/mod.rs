@@ -46,6 +46,9 @@ pub struct AppState {
     pub keyring: Keyring,
     pub auth: Authenticator,
     pub limits: Limits,
+    pub audit: crate::audit::Audit,
+    /// How long a shred request waits for its second admin.
+    pub shred_window: Duration,
 }
 
 /// Errors setting up listeners.

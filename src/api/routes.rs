@@ -1,6 +1,6 @@
 //! Routing and handlers of the v1 HTTP API: parses paths and bodies, checks the caller's grant,
-//! calls the key ring, and shapes JSON (or raw octet-stream) answers. Every error goes through
-//! `ApiError`; no handler logs a body.
+//! calls the key ring, shapes JSON (or raw octet-stream) answers, and records every request in
+//! the audit log. Every error goes through `ApiError`; no handler logs a body.
 
 use std::sync::Arc;
 
@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::AppState;
-use super::auth::{Operation, Peer};
+use super::auth::{Operation, Peer, Principal};
 use super::error::ApiError;
+use crate::audit::Record;
 use crate::crypto::{Purpose, SecretBytes};
+use crate::keyring::{Approval, ShredTarget};
 use crate::tenant::TenantId;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -29,7 +31,7 @@ pub const KEY_VERSION_HEADER: &str = "x-key-version";
 const JSON: &str = "application/json";
 const OCTETS: &str = "application/octet-stream";
 
-/// What a path names.
+/// What a tenant path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Seal,
@@ -38,7 +40,12 @@ pub enum Action {
     OpenBatch,
     Datakey,
     DatakeyUnwrap,
+    Rewrap,
+    RewrapBatch,
     Keys,
+    Rotate,
+    Retire,
+    Shred,
 }
 
 impl Action {
@@ -48,7 +55,11 @@ impl Action {
             Action::Open | Action::OpenBatch => Operation::Open,
             Action::Datakey => Operation::Datakey,
             Action::DatakeyUnwrap => Operation::DatakeyUnwrap,
+            Action::Rewrap | Action::RewrapBatch => Operation::Rewrap,
             Action::Keys => Operation::KeysRead,
+            Action::Rotate => Operation::AdminRotate,
+            Action::Retire => Operation::AdminRetire,
+            Action::Shred => Operation::AdminShred,
         }
     }
 
@@ -58,12 +69,27 @@ impl Action {
             _ => Method::POST,
         }
     }
+
+    /// The name recorded in the audit log.
+    fn audit_name(self) -> &'static str {
+        match self {
+            Action::Shred => "admin.shred.request",
+            other => other.operation().as_str(),
+        }
+    }
+
+    fn is_admin(self) -> bool {
+        matches!(self, Action::Rotate | Action::Retire | Action::Shred)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     Healthz,
     Readyz,
+    Tenants,
+    Approvals,
+    Approve { id: &'a str },
     Tenant { tenant: &'a str, action: Action },
 }
 
@@ -71,23 +97,44 @@ pub enum Route<'a> {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants/{tenant}/seal"),
     ("POST", "/v1/tenants/{tenant}/open"),
     ("POST", "/v1/tenants/{tenant}/seal:batch"),
     ("POST", "/v1/tenants/{tenant}/open:batch"),
     ("POST", "/v1/tenants/{tenant}/datakey"),
     ("POST", "/v1/tenants/{tenant}/datakey:unwrap"),
+    ("POST", "/v1/tenants/{tenant}/rewrap"),
+    ("POST", "/v1/tenants/{tenant}/rewrap:batch"),
     ("GET", "/v1/tenants/{tenant}/keys"),
+    ("POST", "/v1/tenants/{tenant}/keys:rotate"),
+    ("POST", "/v1/tenants/{tenant}/keys:retire"),
+    ("POST", "/v1/tenants/{tenant}:shred"),
+    ("GET", "/v1/approvals"),
+    ("POST", "/v1/approvals/{id}:approve"),
 ];
 
 pub fn route(path: &str) -> Option<Route<'_>> {
     match path {
         "/healthz" => return Some(Route::Healthz),
         "/readyz" => return Some(Route::Readyz),
+        "/v1/tenants" => return Some(Route::Tenants),
+        "/v1/approvals" => return Some(Route::Approvals),
         _ => {}
     }
+    if let Some(rest) = path.strip_prefix("/v1/approvals/") {
+        let id = rest.strip_suffix(":approve")?;
+        return (!id.is_empty() && !id.contains('/')).then_some(Route::Approve { id });
+    }
     let rest = path.strip_prefix("/v1/tenants/")?;
-    let (tenant, action) = rest.split_once('/')?;
+    let Some((tenant, action)) = rest.split_once('/') else {
+        // Tenant ids cannot contain ':', so the suffix is unambiguous.
+        let tenant = rest.strip_suffix(":shred")?;
+        return Some(Route::Tenant {
+            tenant,
+            action: Action::Shred,
+        });
+    };
     let action = match action {
         "seal" => Action::Seal,
         "open" => Action::Open,
@@ -95,7 +142,11 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "open:batch" => Action::OpenBatch,
         "datakey" => Action::Datakey,
         "datakey:unwrap" => Action::DatakeyUnwrap,
+        "rewrap" => Action::Rewrap,
+        "rewrap:batch" => Action::RewrapBatch,
         "keys" => Action::Keys,
+        "keys:rotate" => Action::Rotate,
+        "keys:retire" => Action::Retire,
         _ => return None,
     };
     Some(Route::Tenant { tenant, action })
@@ -138,6 +189,20 @@ struct DatakeyUnwrapRequest {
     wrapped_key: String,
     #[serde(default)]
     aad: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireRequest {
+    min_decrypt_version: u32,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ShredRequest {
+    /// Shred one (non-active) version instead of the whole tenant.
+    #[serde(default)]
+    version: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -191,14 +256,85 @@ struct KeyVersionView {
 }
 
 #[derive(Serialize)]
-struct KeysView {
+struct TenantView {
     tenant: String,
     active_version: u32,
     created_at: i64,
+    min_decrypt_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destroyed_at: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct KeysView {
+    #[serde(flatten)]
+    tenant: TenantView,
     versions: Vec<KeyVersionView>,
 }
 
+#[derive(Serialize)]
+struct ApprovalView {
+    approval_id: String,
+    action: &'static str,
+    tenant: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    state: &'static str,
+    requested_by: String,
+    requested_at: i64,
+    expires_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approved_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    executed_at: Option<i64>,
+}
+
+impl From<&Approval> for ApprovalView {
+    fn from(a: &Approval) -> Self {
+        let (action, version) = match a.target {
+            ShredTarget::Tenant => ("shred-tenant", None),
+            ShredTarget::Version(v) => ("shred-version", Some(v)),
+        };
+        ApprovalView {
+            approval_id: a.id.clone(),
+            action,
+            tenant: a.tenant.to_string(),
+            version,
+            state: a.state.as_str(),
+            requested_by: a.requested_by.clone(),
+            requested_at: a.requested_at,
+            expires_at: a.expires_at,
+            approved_by: a.approved_by.clone(),
+            executed_at: a.executed_at,
+        }
+    }
+}
+
+impl From<&crate::keyring::TenantRecord> for TenantView {
+    fn from(t: &crate::keyring::TenantRecord) -> Self {
+        TenantView {
+            tenant: t.tenant.to_string(),
+            active_version: t.active_version,
+            created_at: t.created_at,
+            min_decrypt_version: t.min_decrypt_version,
+            destroyed_at: t.destroyed_at,
+        }
+    }
+}
+
 // ---- the handler ----
+
+/// What a request did, for its audit record.
+#[derive(Default)]
+struct Trail {
+    principal: Option<String>,
+    tenant: Option<String>,
+    operation: Option<&'static str>,
+    key_version: Option<u32>,
+    count: Option<u64>,
+    admin: bool,
+    approval: Option<Approval>,
+}
 
 /// Handles one request; never fails (errors become error responses).
 pub async fn handle(
@@ -209,15 +345,17 @@ pub async fn handle(
     let request_id = request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let result = dispatch(&state, &peer, req).await;
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => error_response(&e, &request_id),
+    let mut trail = Trail::default();
+    let result = dispatch(&state, &peer, req, &request_id, &mut trail).await;
+    let (mut resp, outcome) = match result {
+        Ok(r) => (r, "ok"),
+        Err(e) => (error_response(&e, &request_id), e.status_and_code().1),
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     let status = resp.status();
+    audit(&state, &peer, &request_id, trail, status, outcome).await;
     if status.is_server_error() {
         tracing::warn!(%request_id, %peer, %method, %path, status = status.as_u16(), "request failed");
     } else {
@@ -226,10 +364,92 @@ pub async fn handle(
     resp
 }
 
+/// One record per request: failed authentication individually, admin operations durably,
+/// data-plane operations per the configured mode.
+async fn audit(
+    state: &AppState,
+    peer: &Peer,
+    request_id: &str,
+    trail: Trail,
+    status: StatusCode,
+    outcome: &str,
+) {
+    let Some(operation) = trail.operation else {
+        return;
+    };
+    let mut record = Record {
+        operation: operation.to_owned(),
+        outcome: outcome.to_owned(),
+        request_id: Some(request_id.to_owned()),
+        principal: trail.principal,
+        peer: Some(peer.to_string()),
+        tenant: trail.tenant,
+        key_version: trail.key_version,
+        count: trail.count,
+        ..Record::default()
+    };
+    if let Some(a) = &trail.approval {
+        record.approval_id = Some(a.id.clone());
+        record.requested_by = Some(a.requested_by.clone());
+        record.approved_by = a.approved_by.clone();
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        state.audit.event(record);
+    } else if trail.admin {
+        if let Err(e) = state.audit.admin(record).await {
+            tracing::error!(%request_id, error = %e, "could not record the outcome of an admin operation");
+        }
+    } else {
+        state.audit.data(record);
+    }
+}
+
+/// Records that an admin operation is about to run; if the log cannot take it, the operation
+/// does not run (fail closed).
+async fn gate(
+    state: &AppState,
+    peer: &Peer,
+    request_id: &str,
+    trail: &Trail,
+    detail: String,
+) -> Result<(), ApiError> {
+    let record = Record {
+        operation: trail.operation.unwrap_or("admin").to_owned(),
+        outcome: "authorized".into(),
+        request_id: Some(request_id.to_owned()),
+        principal: trail.principal.clone(),
+        peer: Some(peer.to_string()),
+        tenant: trail.tenant.clone(),
+        detail: Some(detail),
+        approval_id: trail.approval.as_ref().map(|a| a.id.clone()),
+        requested_by: trail.approval.as_ref().map(|a| a.requested_by.clone()),
+        ..Record::default()
+    };
+    state.audit.admin(record).await.map_err(|e| {
+        tracing::error!(%request_id, error = %e, "audit log unavailable; refusing an admin operation");
+        ApiError::AuditUnavailable
+    })
+}
+
+fn authenticate<'a>(
+    state: &'a AppState,
+    peer: &Peer,
+    req: &Request<Incoming>,
+) -> Result<&'a Principal, ApiError> {
+    state.auth.authenticate(
+        peer,
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )
+}
+
 async fn dispatch(
     state: &AppState,
     peer: &Peer,
     req: Request<Incoming>,
+    request_id: &str,
+    trail: &mut Trail,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = route(req.uri().path()).ok_or(ApiError::NotFound)?;
     let (tenant_raw, action) = match route {
@@ -252,18 +472,88 @@ async fn dispatch(
                 br#"{"status":"ok"}"#.to_vec(),
             ));
         }
+        Route::Tenants => {
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            trail.operation = Some("tenants.list");
+            let principal = authenticate(state, peer, &req)?;
+            trail.principal = Some(principal.name.clone());
+            if !principal.holds(Operation::KeysRead) {
+                return Err(ApiError::Forbidden);
+            }
+            let visible: Vec<TenantView> = state
+                .keyring
+                .tenants()
+                .await?
+                .iter()
+                .filter(|t| principal.may(Operation::KeysRead, &t.tenant))
+                .map(TenantView::from)
+                .collect();
+            trail.count = Some(visible.len() as u64);
+            return Ok(json_ok(&serde_json::json!({ "tenants": visible })));
+        }
+        Route::Approvals => {
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            trail.operation = Some("admin.shred.list");
+            let principal = authenticate(state, peer, &req)?;
+            trail.principal = Some(principal.name.clone());
+            if !principal.holds(Operation::AdminShred) {
+                return Err(ApiError::Forbidden);
+            }
+            let pending: Vec<ApprovalView> = state
+                .keyring
+                .pending_approvals()
+                .await?
+                .iter()
+                .filter(|a| principal.may(Operation::AdminShred, &a.tenant))
+                .map(ApprovalView::from)
+                .collect();
+            return Ok(json_ok(&serde_json::json!({ "approvals": pending })));
+        }
+        Route::Approve { id } => {
+            if req.method() != Method::POST {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            trail.operation = Some("admin.shred.approve");
+            trail.admin = true;
+            let principal = authenticate(state, peer, &req)?;
+            trail.principal = Some(principal.name.clone());
+            let pending = state
+                .keyring
+                .store()
+                .approval(id)
+                .await
+                .map_err(crate::keyring::KeyringError::from)?
+                .ok_or(ApiError::ApprovalNotFound)?;
+            trail.tenant = Some(pending.tenant.to_string());
+            if !principal.may(Operation::AdminShred, &pending.tenant) {
+                return Err(ApiError::Forbidden);
+            }
+            trail.approval = Some(pending.clone());
+            gate(state, peer, request_id, trail, format!("approve {id}")).await?;
+            let done = state.keyring.approve_shred(id, &principal.name).await?;
+            trail.operation = Some("admin.shred.execute");
+            if let ShredTarget::Version(v) = done.target {
+                trail.key_version = Some(v);
+            }
+            let view = ApprovalView::from(&done);
+            trail.approval = Some(done);
+            return Ok(json_ok(&view));
+        }
         Route::Tenant { tenant, action } => (tenant.to_owned(), action),
     };
     if req.method() != action.method() {
         return Err(ApiError::MethodNotAllowed);
     }
-    let principal = state.auth.authenticate(
-        peer,
-        req.headers()
-            .get(hyper::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    )?;
+    trail.operation = Some(action.audit_name());
+    trail.admin = action.is_admin();
+    let principal = authenticate(state, peer, &req)?;
+    trail.principal = Some(principal.name.clone());
     let tenant = TenantId::parse(&tenant_raw).map_err(|_| ApiError::InvalidTenant)?;
+    trail.tenant = Some(tenant.to_string());
     if !principal.may(action.operation(), &tenant) {
         return Err(ApiError::Forbidden);
     }
@@ -289,6 +579,7 @@ async fn dispatch(
     };
     let body = read_body(req, state.limits.max_body_bytes).await?;
     let kr = &state.keyring;
+    let empty_body = body.iter().all(u8::is_ascii_whitespace);
 
     match action {
         Action::Seal if octets => {
@@ -301,6 +592,7 @@ async fn dispatch(
                     SecretBytes::new(body.to_vec()),
                 )
                 .await?;
+            trail.key_version = Some(version);
             let mut resp = Response::new(Full::new(Bytes::from(ct)));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(OCTETS));
@@ -319,6 +611,7 @@ async fn dispatch(
         Action::Seal => {
             let item: SealItem = parse_json(&body)?;
             let sealed = seal_item(state, &tenant, item).await?;
+            trail.key_version = Some(sealed.key_version);
             Ok(json_ok(&sealed))
         }
         Action::Open => {
@@ -329,21 +622,43 @@ async fn dispatch(
                 plaintext: &encoded,
             }))
         }
-        Action::SealBatch => {
-            let batch: Batch<SealItem> = parse_json(&body)?;
-            check_batch(state, batch.items.len())?;
-            let mut results = Vec::with_capacity(batch.items.len());
-            for item in batch.items {
-                results.push(match seal_item(state, &tenant, item).await {
-                    Ok(s) => ItemResult::Ok(s),
-                    Err(e) => item_error(e)?,
-                });
-            }
+        Action::Rewrap => {
+            let item: OpenItem = parse_json(&body)?;
+            let sealed = rewrap_item(state, &tenant, item).await?;
+            trail.key_version = Some(sealed.key_version);
+            Ok(json_ok(&sealed))
+        }
+        Action::SealBatch | Action::RewrapBatch => {
+            let results = if action == Action::SealBatch {
+                let batch: Batch<SealItem> = parse_json(&body)?;
+                check_batch(state, batch.items.len())?;
+                let mut results = Vec::with_capacity(batch.items.len());
+                for item in batch.items {
+                    results.push(match seal_item(state, &tenant, item).await {
+                        Ok(s) => ItemResult::Ok(s),
+                        Err(e) => item_error(e)?,
+                    });
+                }
+                results
+            } else {
+                let batch: Batch<OpenItem> = parse_json(&body)?;
+                check_batch(state, batch.items.len())?;
+                let mut results = Vec::with_capacity(batch.items.len());
+                for item in batch.items {
+                    results.push(match rewrap_item(state, &tenant, item).await {
+                        Ok(s) => ItemResult::Ok(s),
+                        Err(e) => item_error(e)?,
+                    });
+                }
+                results
+            };
+            trail.count = Some(results.len() as u64);
             Ok(json_ok(&Results { results }))
         }
         Action::OpenBatch => {
             let batch: Batch<OpenItem> = parse_json(&body)?;
             check_batch(state, batch.items.len())?;
+            trail.count = Some(batch.items.len() as u64);
             let mut opened = Vec::with_capacity(batch.items.len());
             for item in batch.items {
                 opened.push(open_item(state, &tenant, item).await);
@@ -351,13 +666,14 @@ async fn dispatch(
             batch_open_response(opened)
         }
         Action::Datakey => {
-            let req: DatakeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            let req: DatakeyRequest = if empty_body {
                 DatakeyRequest::default()
             } else {
                 parse_json(&body)?
             };
             let aad = optional_b64("aad", req.aad.as_deref())?;
             let issued = kr.issue_datakey(&tenant, &aad).await?;
+            trail.key_version = Some(issued.key_version);
             let key_b64 = Zeroizing::new(B64.encode(issued.plaintext.expose()));
             Ok(secret_body(&IssuedKey {
                 plaintext_key: &key_b64,
@@ -378,9 +694,7 @@ async fn dispatch(
         Action::Keys => {
             let keys = kr.describe(&tenant).await?;
             Ok(json_ok(&KeysView {
-                tenant: keys.tenant.tenant.to_string(),
-                active_version: keys.tenant.active_version,
-                created_at: keys.tenant.created_at,
+                tenant: TenantView::from(&keys.tenant),
                 versions: keys
                     .versions
                     .into_iter()
@@ -396,6 +710,50 @@ async fn dispatch(
                     })
                     .collect(),
             }))
+        }
+        Action::Rotate => {
+            if !empty_body {
+                let _: serde_json::Map<String, serde_json::Value> = parse_json(&body)?;
+            }
+            gate(state, peer, request_id, trail, "rotate".into()).await?;
+            let record = kr.rotate(&tenant).await?;
+            trail.key_version = Some(record.active_version);
+            Ok(json_ok(&TenantView::from(&record)))
+        }
+        Action::Retire => {
+            let req: RetireRequest = parse_json(&body)?;
+            gate(
+                state,
+                peer,
+                request_id,
+                trail,
+                format!("retire below {}", req.min_decrypt_version),
+            )
+            .await?;
+            let record = kr.retire(&tenant, req.min_decrypt_version).await?;
+            trail.key_version = Some(record.min_decrypt_version);
+            Ok(json_ok(&TenantView::from(&record)))
+        }
+        Action::Shred => {
+            let req: ShredRequest = if empty_body {
+                ShredRequest::default()
+            } else {
+                parse_json(&body)?
+            };
+            let target = match req.version {
+                Some(v) => ShredTarget::Version(v),
+                None => ShredTarget::Tenant,
+            };
+            trail.key_version = req.version;
+            gate(state, peer, request_id, trail, "request shred".into()).await?;
+            let approval = kr
+                .request_shred(&tenant, target, &principal.name, state.shred_window)
+                .await?;
+            let view = ApprovalView::from(&approval);
+            trail.approval = Some(approval);
+            let mut resp = json_ok(&view);
+            *resp.status_mut() = StatusCode::ACCEPTED;
+            Ok(resp)
         }
     }
 }
@@ -425,6 +783,23 @@ async fn open_item(
     let ct = decode("ciphertext", item.ciphertext.as_bytes())?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
     Ok(state.keyring.open(tenant, Purpose::Data, &aad, &ct).await?)
+}
+
+async fn rewrap_item(
+    state: &AppState,
+    tenant: &TenantId,
+    item: OpenItem,
+) -> Result<Sealed, ApiError> {
+    let ct = decode("ciphertext", item.ciphertext.as_bytes())?;
+    let aad = optional_b64("aad", item.aad.as_deref())?;
+    let (ct, key_version) = state
+        .keyring
+        .rewrap(tenant, Purpose::Data, &aad, &ct)
+        .await?;
+    Ok(Sealed {
+        ciphertext: B64.encode(ct),
+        key_version,
+    })
 }
 
 /// Per-item failures that concern the item stay in the item; failures of the service (store or
@@ -631,6 +1006,18 @@ mod tests {
             })
         );
         assert_eq!(
+            route("/v1/tenants/acme:shred"),
+            Some(Route::Tenant {
+                tenant: "acme",
+                action: Action::Shred
+            })
+        );
+        assert_eq!(
+            route("/v1/approvals/apr_1:approve"),
+            Some(Route::Approve { id: "apr_1" })
+        );
+        assert_eq!(route("/v1/approvals/apr_1"), None);
+        assert_eq!(
             route("/v1/tenants/a%2Fb/open"),
             Some(Route::Tenant {
                 tenant: "a%2Fb",
@@ -641,7 +1028,7 @@ mod tests {
         assert_eq!(route("/v1/tenants/acme"), None);
         assert_eq!(route("/v2/tenants/acme/seal"), None);
         for (_, template) in ROUTES {
-            let path = template.replace("{tenant}", "t");
+            let path = template.replace("{tenant}", "t").replace("{id}", "apr_1");
             assert!(route(&path).is_some(), "{template}");
         }
     }

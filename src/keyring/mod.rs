@@ -2,9 +2,11 @@
 //! zeroizing cache of unwrapped keys. Defines the storage port it needs (`KeyringStore`), which
 //! the `store` engines implement; knows nothing about SQL or HTTP.
 
+mod rewrap;
 mod ring;
 
-pub use ring::{Keyring, KeyringOptions};
+pub use rewrap::{RewrapPlan, RewrapSummary, rewrap_roots};
+pub use ring::{IssuedDataKey, Keyring, KeyringOptions, TenantKeys};
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::crypto::CryptoError;
 use crate::providers::{ProviderError, RootId};
+
 use crate::tenant::TenantId;
 
 /// The state of one data-key version.
@@ -85,6 +88,85 @@ pub struct TenantRecord {
     pub active_version: u32,
     /// Unix seconds.
     pub created_at: i64,
+    /// Opens of versions below this fail with `key_version_retired`.
+    pub min_decrypt_version: u32,
+    /// Unix seconds at which the tenant was shredded; a shredded tenant is a tombstone that
+    /// auto-creation never brings back.
+    pub destroyed_at: Option<i64>,
+}
+
+/// What a key-ring mutation did, as recorded for other sidecars sharing the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyEventKind {
+    Rotated,
+    Retired,
+    Shredded,
+    Rewrapped,
+}
+
+impl KeyEventKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyEventKind::Rotated => "rotated",
+            KeyEventKind::Retired => "retired",
+            KeyEventKind::Shredded => "shredded",
+            KeyEventKind::Rewrapped => "rewrapped",
+        }
+    }
+}
+
+/// One entry of the store's change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEvent {
+    pub seq: i64,
+    pub tenant: TenantId,
+    pub kind: String,
+}
+
+/// Outcome of a conditional rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The new version is active; the old one is decrypt-only.
+    Rotated(TenantRecord),
+    /// Another rotation won: the active version was no longer the expected one.
+    Conflict(TenantRecord),
+}
+
+/// What a pending four-eyes approval would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShredTarget {
+    Tenant,
+    Version(u32),
+}
+
+/// State of an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalState {
+    Pending,
+    Executed,
+}
+
+impl ApprovalState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Executed => "executed",
+        }
+    }
+}
+
+/// A request to destroy key material, waiting for a second admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub id: String,
+    pub tenant: TenantId,
+    pub target: ShredTarget,
+    pub requested_by: String,
+    pub requested_at: i64,
+    pub expires_at: i64,
+    pub approved_by: Option<String>,
+    pub executed_at: Option<i64>,
+    pub state: ApprovalState,
 }
 
 /// Errors of a storage engine, as the keyring sees them.
@@ -96,6 +178,9 @@ pub enum StoreError {
     /// Stored data breaks an invariant (e.g. an unknown key state).
     #[error("store data is inconsistent: {0}")]
     Corrupt(String),
+    /// The change is not allowed in the current state (e.g. shredding the active version).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What the keyring needs from storage. Engines must make `create_tenant` atomic and
@@ -126,6 +211,62 @@ pub trait KeyringStore: Send + Sync + 'static {
     async fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError>;
 
     async fn health(&self) -> Result<(), StoreError>;
+
+    /// Atomically makes `new` the active version if `expected_active` still is; the old active
+    /// version becomes decrypt-only. A crash leaves either the old or the new active version.
+    async fn rotate(
+        &self,
+        tenant: &TenantId,
+        expected_active: u32,
+        new: &KeyVersionRecord,
+    ) -> Result<RotateOutcome, StoreError>;
+
+    /// Sets the lowest version that may still open (at most the active version).
+    async fn set_min_decrypt_version(
+        &self,
+        tenant: &TenantId,
+        min: u32,
+    ) -> Result<TenantRecord, StoreError>;
+
+    /// Erases the wrapped key material of the tenant (or of one non-active version) and marks
+    /// it destroyed. Engines must overwrite the erased bytes, not only unlink them.
+    async fn shred(
+        &self,
+        tenant: &TenantId,
+        target: ShredTarget,
+        at: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Adds `wrapping` to a version unless it has one under that root, and in the same
+    /// transaction removes the wrap under `drop_root` if given (and distinct). Idempotent.
+    /// Returns whether anything changed.
+    async fn put_wrapping(
+        &self,
+        tenant: &TenantId,
+        version: u32,
+        wrapping: &Wrapping,
+        drop_root: Option<&RootId>,
+    ) -> Result<bool, StoreError>;
+
+    /// Change-feed entries after `seq`, oldest first.
+    async fn events_since(&self, seq: i64) -> Result<Vec<KeyEvent>, StoreError>;
+
+    /// The newest change-feed sequence number (0 when empty).
+    async fn last_event(&self) -> Result<i64, StoreError>;
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+
+    async fn pending_approvals(&self, now: i64) -> Result<Vec<Approval>, StoreError>;
+
+    /// Marks a pending approval executed by `approver`; false if it was no longer pending.
+    async fn complete_approval(
+        &self,
+        id: &str,
+        approver: &str,
+        at: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Errors of key-ring operations.
@@ -136,6 +277,15 @@ pub enum KeyringError {
     /// An open failed; deliberately says nothing about which check.
     #[error("decryption failed")]
     DecryptFailed,
+    /// The tenant was shredded.
+    #[error("tenant destroyed")]
+    TenantDestroyed,
+    /// The version was shredded.
+    #[error("key version destroyed")]
+    KeyVersionDestroyed,
+    /// The version is below the tenant's `min_decrypt_version`.
+    #[error("key version retired")]
+    KeyVersionRetired,
     /// No configured root could unwrap a stored version (and none was merely unavailable).
     #[error("no configured root could unwrap key version {version}")]
     KeyUnwrapFailed { version: u32 },
@@ -147,4 +297,15 @@ pub enum KeyringError {
     Crypto(#[from] CryptoError),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The store refused the change in its current state.
+    #[error("{0}")]
+    Refused(String),
+    #[error("approval not found")]
+    ApprovalNotFound,
+    #[error("approval expired")]
+    ApprovalExpired,
+    #[error("the principal that requested a shred cannot approve it")]
+    ApprovalSamePrincipal,
+    #[error("approval is no longer pending")]
+    ApprovalNotPending,
 }

@@ -1,12 +1,17 @@
-//! The key ring proper: resolves (tenant, version) to an unwrapped data key through a bounded
-//! TTL cache, creates tenants on first use, and seals/opens through `crypto`.
+//! The key ring proper: resolves (tenant, version) to an unwrapped data key through bounded TTL
+//! caches, creates tenants on first use, seals/opens through `crypto`, and carries out the key
+//! lifecycle (rotate, retire, rewrap, four-eyes shred). Caches are dropped per tenant on every
+//! change, whether made here or by another process (the store's change feed).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
 
-use super::{KeyState, KeyVersionRecord, KeyringError, KeyringStore, TenantRecord, Wrapping};
+use super::{
+    Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
+    ShredTarget, TenantRecord, Wrapping,
+};
 use crate::crypto::envelope::{self, Envelope, Purpose, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
 use crate::providers::{ProviderError, RootProvider, WrapContext, WrapPurpose};
@@ -20,7 +25,7 @@ const BLOCKING_THRESHOLD: usize = 64 * 1024;
 pub struct KeyringOptions {
     /// Create a tenant (version 1) the first time it is used to seal or make a data key.
     pub auto_create_tenants: bool,
-    /// Upper bound on cached unwrapped keys (and on cached active versions).
+    /// Upper bound on cached unwrapped keys (and on cached tenant records).
     pub cache_max_entries: u64,
     /// How long an unwrapped key may be used before it is unwrapped again by its root: the
     /// bound on how long a revoked root keeps working.
@@ -63,7 +68,7 @@ struct Inner {
     roots: Vec<Arc<dyn RootProvider>>,
     options: KeyringOptions,
     keys: Cache<(TenantId, u32), Arc<DataKey>>,
-    active: Cache<TenantId, (u32, Arc<DataKey>)>,
+    tenants: Cache<TenantId, Arc<TenantRecord>>,
 }
 
 impl Keyring {
@@ -79,8 +84,9 @@ impl Keyring {
         let keys = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
+            .support_invalidation_closures()
             .build();
-        let active = Cache::builder()
+        let tenants = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
             .build();
@@ -90,9 +96,13 @@ impl Keyring {
                 roots,
                 options,
                 keys,
-                active,
+                tenants,
             }),
         })
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyringStore> {
+        &self.inner.store
     }
 
     /// Seals under the tenant's active version; returns the envelope and that version.
@@ -103,7 +113,11 @@ impl Keyring {
         aad: &[u8],
         plaintext: SecretBytes,
     ) -> Result<(Vec<u8>, u32), KeyringError> {
-        let (version, key) = self.active_key(tenant).await?;
+        let record = self
+            .tenant(tenant, self.inner.options.auto_create_tenants)
+            .await?;
+        let version = record.active_version;
+        let key = self.version_key(tenant, version).await?;
         let ct = if plaintext.len() > BLOCKING_THRESHOLD {
             let tenant = tenant.clone();
             let aad = aad.to_vec();
@@ -129,8 +143,8 @@ impl Keyring {
     }
 
     /// Opens an envelope of this tenant. Every failure that depends on the ciphertext is
-    /// `DecryptFailed`; a missing tenant is `TenantNotFound`; root and store outages keep their
-    /// own errors, since they say nothing about the ciphertext.
+    /// `DecryptFailed`; a missing, destroyed or retired key says so (the header names the
+    /// version in clear anyway); root and store outages keep their own errors.
     pub async fn open(
         &self,
         tenant: &TenantId,
@@ -139,7 +153,15 @@ impl Keyring {
         ciphertext: &[u8],
     ) -> Result<SecretBytes, KeyringError> {
         let env = Envelope::parse(ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
-        let key = match self.version_key(tenant, env.key_version()).await {
+        let record = self.tenant(tenant, false).await?;
+        let version = env.key_version();
+        if version > record.active_version {
+            return Err(KeyringError::DecryptFailed);
+        }
+        if version < record.min_decrypt_version {
+            return Err(KeyringError::KeyVersionRetired);
+        }
+        let key = match self.version_key(tenant, version).await {
             Ok(k) => k,
             Err(KeyringError::KeyUnwrapFailed { .. })
             | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
@@ -170,6 +192,18 @@ impl Keyring {
         }
         env.open(&key, &ctx)
             .map_err(|_| KeyringError::DecryptFailed)
+    }
+
+    /// Re-seals a ciphertext under the active version; the plaintext never leaves the sidecar.
+    pub async fn rewrap(
+        &self,
+        tenant: &TenantId,
+        purpose: Purpose,
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<(Vec<u8>, u32), KeyringError> {
+        let plaintext = self.open(tenant, purpose, aad, ciphertext).await?;
+        self.seal(tenant, purpose, aad, plaintext).await
     }
 
     /// A fresh 256-bit data key for the caller's own use, with its envelope under the tenant's
@@ -224,6 +258,200 @@ impl Keyring {
         Ok(self.inner.store.tenants().await?)
     }
 
+    /// Makes a new version active; the old one stays openable (decrypt-only). Atomic: a
+    /// concurrent rotation elsewhere makes this one retry on the new state, so exactly one
+    /// version is added per call.
+    pub async fn rotate(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
+        let store = &self.inner.store;
+        for _ in 0..5 {
+            let current = store
+                .tenant(tenant)
+                .await?
+                .ok_or(KeyringError::TenantNotFound)?;
+            if current.destroyed_at.is_some() {
+                return Err(KeyringError::TenantDestroyed);
+            }
+            let next = current
+                .active_version
+                .checked_add(1)
+                .ok_or(KeyringError::Internal("key version space exhausted"))?;
+            let record = self.new_version(tenant, next, unix_now()).await?;
+            match store
+                .rotate(tenant, current.active_version, &record)
+                .await?
+            {
+                RotateOutcome::Rotated(r) => {
+                    self.invalidate(tenant).await;
+                    tracing::info!(tenant = %tenant, active_version = r.active_version, "key rotated");
+                    return Ok(r);
+                }
+                RotateOutcome::Conflict(_) => continue,
+            }
+        }
+        Err(KeyringError::Internal("rotation kept conflicting"))
+    }
+
+    /// Rotates every live tenant whose active version is older than `period_for(tenant)`.
+    /// Returns the tenants rotated. Safe to run on several sidecars at once.
+    pub async fn rotate_due(
+        &self,
+        period_for: impl Fn(&TenantId) -> Option<Duration>,
+    ) -> Result<Vec<TenantId>, KeyringError> {
+        let now = unix_now();
+        let mut rotated = Vec::new();
+        for t in self.inner.store.tenants().await? {
+            let Some(period) = period_for(&t.tenant) else {
+                continue;
+            };
+            if t.destroyed_at.is_some() {
+                continue;
+            }
+            let Some(active) = self
+                .inner
+                .store
+                .key_version(&t.tenant, t.active_version)
+                .await?
+            else {
+                continue;
+            };
+            if active.created_at.saturating_add(period.as_secs() as i64) <= now {
+                self.rotate(&t.tenant).await?;
+                rotated.push(t.tenant);
+            }
+        }
+        Ok(rotated)
+    }
+
+    /// Sets the lowest key version that may still open.
+    pub async fn retire(&self, tenant: &TenantId, min: u32) -> Result<TenantRecord, KeyringError> {
+        let r = self
+            .inner
+            .store
+            .set_min_decrypt_version(tenant, min)
+            .await?;
+        self.invalidate(tenant).await;
+        Ok(r)
+    }
+
+    /// Records a request to shred; it runs only when a different principal approves it.
+    pub async fn request_shred(
+        &self,
+        tenant: &TenantId,
+        target: ShredTarget,
+        requested_by: &str,
+        window: Duration,
+    ) -> Result<Approval, KeyringError> {
+        let record = self
+            .inner
+            .store
+            .tenant(tenant)
+            .await?
+            .ok_or(KeyringError::TenantNotFound)?;
+        if record.destroyed_at.is_some() {
+            return Err(KeyringError::TenantDestroyed);
+        }
+        if let ShredTarget::Version(v) = target {
+            if v == record.active_version {
+                return Err(KeyringError::Refused(
+                    "the active version cannot be shredded; rotate first".into(),
+                ));
+            }
+            if v == 0 || v > record.active_version {
+                return Err(KeyringError::Refused(format!("key version {v} not found")));
+            }
+        }
+        let mut raw = [0u8; 16];
+        crate::crypto::fill_random(&mut raw)?;
+        let now = unix_now();
+        let approval = Approval {
+            id: format!("apr_{}", hex::encode(raw)),
+            tenant: tenant.clone(),
+            target,
+            requested_by: requested_by.to_owned(),
+            requested_at: now,
+            expires_at: now.saturating_add(window.as_secs() as i64),
+            approved_by: None,
+            executed_at: None,
+            state: ApprovalState::Pending,
+        };
+        self.inner.store.create_approval(&approval).await?;
+        Ok(approval)
+    }
+
+    /// Approves and executes a pending shred. The approver must differ from the requester, the
+    /// window must still be open, and an approval executes once.
+    pub async fn approve_shred(&self, id: &str, approver: &str) -> Result<Approval, KeyringError> {
+        let store = &self.inner.store;
+        let approval = store
+            .approval(id)
+            .await?
+            .ok_or(KeyringError::ApprovalNotFound)?;
+        let now = unix_now();
+        if approval.state != ApprovalState::Pending {
+            return Err(KeyringError::ApprovalNotPending);
+        }
+        if approval.requested_by == approver {
+            return Err(KeyringError::ApprovalSamePrincipal);
+        }
+        if now >= approval.expires_at {
+            return Err(KeyringError::ApprovalExpired);
+        }
+        if !store.complete_approval(id, approver, now).await? {
+            return Err(KeyringError::ApprovalNotPending);
+        }
+        store.shred(&approval.tenant, approval.target, now).await?;
+        self.invalidate(&approval.tenant).await;
+        tracing::warn!(tenant = %approval.tenant, approval = %approval.id, "key material shredded");
+        Ok(Approval {
+            approved_by: Some(approver.to_owned()),
+            executed_at: Some(now),
+            state: ApprovalState::Executed,
+            ..approval
+        })
+    }
+
+    pub async fn pending_approvals(&self) -> Result<Vec<Approval>, KeyringError> {
+        Ok(self.inner.store.pending_approvals(unix_now()).await?)
+    }
+
+    /// Drops everything cached for a tenant.
+    pub async fn invalidate(&self, tenant: &TenantId) {
+        self.inner.tenants.invalidate(tenant).await;
+        let t = tenant.clone();
+        // Only fails if closures were not enabled on the builder, which `new` does.
+        let _ = self.inner.keys.invalidate_entries_if(move |k, _| k.0 == t);
+    }
+
+    /// Follows the store's change feed, dropping the caches of tenants changed by any process
+    /// sharing the store, until the returned task is aborted.
+    pub fn follow_changes(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = loop {
+                match this.inner.store.last_event().await {
+                    Ok(seq) => break seq,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change feed unavailable");
+                        tokio::time::sleep(every).await;
+                    }
+                }
+            };
+            loop {
+                tokio::time::sleep(every).await;
+                match this.inner.store.events_since(last).await {
+                    Ok(events) => {
+                        for e in events {
+                            this.invalidate(&e.tenant).await;
+                            tracing::debug!(tenant = %e.tenant, kind = %e.kind, "cache dropped after a change");
+                            last = e.seq;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "change feed unavailable"),
+                }
+            }
+        })
+    }
+
     /// Ready when the store answers and at least the first root is healthy.
     pub async fn ready(&self) -> Result<(), KeyringError> {
         self.inner.store.health().await?;
@@ -236,22 +464,29 @@ impl Keyring {
         self.inner.keys.entry_count()
     }
 
-    async fn active_key(&self, tenant: &TenantId) -> Result<(u32, Arc<DataKey>), KeyringError> {
+    async fn tenant(
+        &self,
+        tenant: &TenantId,
+        create: bool,
+    ) -> Result<Arc<TenantRecord>, KeyringError> {
         let this = self.clone();
         let t = tenant.clone();
-        self.inner
-            .active
+        let record = self
+            .inner
+            .tenants
             .try_get_with(tenant.clone(), async move {
-                let record = match this.inner.store.tenant(&t).await? {
-                    Some(r) => r,
-                    None if this.inner.options.auto_create_tenants => this.create(&t).await?,
-                    None => return Err(KeyringError::TenantNotFound),
-                };
-                let key = this.version_key(&t, record.active_version).await?;
-                Ok((record.active_version, key))
+                match this.inner.store.tenant(&t).await? {
+                    Some(r) => Ok(Arc::new(r)),
+                    None if create => Ok(Arc::new(this.create(&t).await?)),
+                    None => Err(KeyringError::TenantNotFound),
+                }
             })
             .await
-            .map_err(|e: Arc<KeyringError>| (*e).clone())
+            .map_err(|e: Arc<KeyringError>| (*e).clone())?;
+        if record.destroyed_at.is_some() {
+            return Err(KeyringError::TenantDestroyed);
+        }
+        Ok(record)
     }
 
     async fn version_key(
@@ -266,14 +501,10 @@ impl Keyring {
             .try_get_with((tenant.clone(), version), async move {
                 let store = &this.inner.store;
                 let Some(record) = store.key_version(&t, version).await? else {
-                    return Err(if store.tenant(&t).await?.is_some() {
-                        KeyringError::DecryptFailed
-                    } else {
-                        KeyringError::TenantNotFound
-                    });
+                    return Err(KeyringError::DecryptFailed);
                 };
                 if record.state == KeyState::Destroyed {
-                    return Err(KeyringError::DecryptFailed);
+                    return Err(KeyringError::KeyVersionDestroyed);
                 }
                 this.unwrap_record(&t, &record).await.map(Arc::new)
             })
@@ -281,65 +512,26 @@ impl Keyring {
             .map_err(|e: Arc<KeyringError>| (*e).clone())
     }
 
-    /// Tries the version's wraps in root-preference order. An outage of one root falls through
-    /// to the next; the error reported is the most actionable one seen.
-    async fn unwrap_record(
+    /// Unwraps a stored version, trying its wraps in root-preference order. An outage of one
+    /// root falls through to the next; the error reported is the most actionable one seen.
+    pub(crate) async fn unwrap_record(
         &self,
         tenant: &TenantId,
         record: &KeyVersionRecord,
     ) -> Result<DataKey, KeyringError> {
-        let ctx = WrapContext {
-            tenant,
-            key_version: record.version,
-            purpose: WrapPurpose::TenantDek,
-        };
-        let mut worst: Option<ProviderError> = None;
-        for (i, root) in self.inner.roots.iter().enumerate() {
-            let Some(w) = record.wrappings.iter().find(|w| &w.root == root.id()) else {
-                continue;
-            };
-            match root.unwrap(&w.blob, &ctx).await {
-                Ok(k) => {
-                    if i > 0 || worst.is_some() {
-                        tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
-                            "unwrapped through a fallback root");
-                    }
-                    return Ok(k);
-                }
-                Err(e) => {
-                    tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
-                        error = %e, "root could not unwrap key version");
-                    worst = Some(match (worst, e) {
-                        (Some(a @ ProviderError::AccessDenied { .. }), _) => a,
-                        (_, e @ ProviderError::AccessDenied { .. }) => e,
-                        (Some(a @ ProviderError::Unavailable { .. }), _) => a,
-                        (_, e) => e,
-                    });
-                }
-            }
-        }
-        match worst {
-            Some(ProviderError::UnwrapFailed { .. }) => Err(KeyringError::KeyUnwrapFailed {
-                version: record.version,
-            }),
-            Some(e) => Err(e.into()),
-            None => Err(ProviderError::Unavailable {
-                root: record
-                    .wrappings
-                    .iter()
-                    .map(|w| w.root.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                reason: "no configured root holds a wrap of this key version".into(),
-            }
-            .into()),
-        }
+        unwrap_with(&self.inner.roots, tenant, record).await
     }
 
-    async fn create(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
+    /// A new version's key, generated by the first root and wrapped under every root.
+    async fn new_version(
+        &self,
+        tenant: &TenantId,
+        version: u32,
+        created_at: i64,
+    ) -> Result<KeyVersionRecord, KeyringError> {
         let ctx = WrapContext {
             tenant,
-            key_version: 1,
+            key_version: version,
             purpose: WrapPurpose::TenantDek,
         };
         let roots = &self.inner.roots;
@@ -354,21 +546,78 @@ impl Keyring {
                 blob: root.wrap(&dek, &ctx).await?,
             });
         }
-        drop(dek);
-        let now = unix_now();
-        let first = KeyVersionRecord {
-            version: 1,
+        Ok(KeyVersionRecord {
+            version,
             state: KeyState::Active,
-            created_at: now,
+            created_at,
             wrappings,
-        };
+        })
+    }
+
+    async fn create(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
+        let now = unix_now();
+        let first = self.new_version(tenant, 1, now).await?;
         let record = self.inner.store.create_tenant(tenant, now, &first).await?;
         tracing::info!(tenant = %tenant, active_version = record.active_version, "tenant ready");
         Ok(record)
     }
 }
 
-fn unix_now() -> i64 {
+/// Tries a version's wraps in `roots` order; shared by the key ring and the root rewrap job.
+pub(crate) async fn unwrap_with(
+    roots: &[Arc<dyn RootProvider>],
+    tenant: &TenantId,
+    record: &KeyVersionRecord,
+) -> Result<DataKey, KeyringError> {
+    let ctx = WrapContext {
+        tenant,
+        key_version: record.version,
+        purpose: WrapPurpose::TenantDek,
+    };
+    let mut worst: Option<ProviderError> = None;
+    for (i, root) in roots.iter().enumerate() {
+        let Some(w) = record.wrappings.iter().find(|w| &w.root == root.id()) else {
+            continue;
+        };
+        match root.unwrap(&w.blob, &ctx).await {
+            Ok(k) => {
+                if i > 0 || worst.is_some() {
+                    tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
+                        "unwrapped through a fallback root");
+                }
+                return Ok(k);
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
+                    error = %e, "root could not unwrap key version");
+                worst = Some(match (worst, e) {
+                    (Some(a @ ProviderError::AccessDenied { .. }), _) => a,
+                    (_, e @ ProviderError::AccessDenied { .. }) => e,
+                    (Some(a @ ProviderError::Unavailable { .. }), _) => a,
+                    (_, e) => e,
+                });
+            }
+        }
+    }
+    match worst {
+        Some(ProviderError::UnwrapFailed { .. }) => Err(KeyringError::KeyUnwrapFailed {
+            version: record.version,
+        }),
+        Some(e) => Err(e.into()),
+        None => Err(ProviderError::Unavailable {
+            root: record
+                .wrappings
+                .iter()
+                .map(|w| w.root.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            reason: "no configured root holds a wrap of this key version".into(),
+        }
+        .into()),
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

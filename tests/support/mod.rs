@@ -19,6 +19,8 @@ use tokio::net::{TcpStream, UnixStream};
 pub const TOKEN_ADMIN: &str = "tok-admin-0123456789";
 pub const TOKEN_A: &str = "tok-tenant-a-0123456789";
 pub const TOKEN_SEAL_ONLY: &str = "tok-seal-only-0123456789";
+pub const TOKEN_ADMIN2: &str = "tok-admin-two-0123456789";
+pub const TOKEN_REWRAP_ONLY: &str = "tok-rewrap-only-0123456789";
 
 pub fn sha(t: &str) -> String {
     hex::encode(kms_sidecar::api::auth::token_sha256(t))
@@ -52,10 +54,24 @@ name = "seal-only"
 token_sha256 = ["{seal}"]
 tenants = ["*"]
 operations = ["seal"]
+
+[[principals]]
+name = "admin2"
+token_sha256 = ["{admin2}"]
+tenants = ["*"]
+operations = ["*"]
+
+[[principals]]
+name = "rewrap-only"
+token_sha256 = ["{rewrap}"]
+tenants = ["*"]
+operations = ["rewrap"]
 "#,
         admin = sha(TOKEN_ADMIN),
         a = sha(TOKEN_A),
         seal = sha(TOKEN_SEAL_ONLY),
+        admin2 = sha(TOKEN_ADMIN2),
+        rewrap = sha(TOKEN_REWRAP_ONLY),
     )
 }
 
@@ -64,9 +80,12 @@ pub struct Sidecar {
     pub running: Option<Running>,
     pub socket: PathBuf,
     pub tcp: std::net::SocketAddr,
+    data: PathBuf,
 }
 
 pub struct Options {
+    /// Share another sidecar's data dir (store, root key, audit log) instead of a fresh one.
+    pub share: Option<PathBuf>,
     pub auto_create: bool,
     /// uid allowed on the socket; `None` leaves the socket with no principal.
     pub socket_uid: Option<u32>,
@@ -76,6 +95,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
+            share: None,
             auto_create: true,
             socket_uid: Some(uid()),
             extra_toml: String::new(),
@@ -90,19 +110,26 @@ impl Sidecar {
 
     pub async fn start_with(opts: Options) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        kms_sidecar::providers::keyfile::create_keyfile(
-            &data.join("root.key"),
-            None,
-            Default::default(),
-        )
-        .unwrap();
+        let data = match &opts.share {
+            Some(shared) => shared.clone(),
+            None => {
+                let data = dir.path().join("data");
+                std::fs::create_dir(&data).unwrap();
+                kms_sidecar::providers::keyfile::create_keyfile(
+                    &data.join("root.key"),
+                    None,
+                    Default::default(),
+                )
+                .unwrap();
+                data
+            }
+        };
         let toml = format!(
-            "data_dir = {:?}\nauto_create_tenants = {}\n{}\n[listen]\ntcp = \"127.0.0.1:0\"\n{}",
+            "data_dir = {:?}\nauto_create_tenants = {}\n{}\n[listen]\ntcp = \"127.0.0.1:0\"\nunix_socket = {:?}\n{}",
             data.display().to_string(),
             opts.auto_create,
             opts.extra_toml,
+            dir.path().join("s.sock").display().to_string(),
             default_principals(opts.socket_uid),
         );
         let path = dir.path().join("config.toml");
@@ -116,11 +143,22 @@ impl Sidecar {
             running: Some(running),
             socket,
             tcp,
+            data,
         }
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
+    }
+
+    /// A request over TCP as `token`, JSON body.
+    pub async fn as_token(&self, token: &str, method: &str, path: &str, body: Value) -> Reply {
+        let b = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        self.tcp(Some(token), method, path, b).await
     }
 
     pub async fn stop(&mut self) {
