@@ -50,6 +50,8 @@ pub struct Config {
     pub shred: ShredConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+    #[serde(default)]
+    pub vault: VaultConfig,
     /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
     #[serde(skip)]
     pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
@@ -178,6 +180,26 @@ impl Default for RotationConfig {
             check_interval_seconds: default_rotation_check(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// How often expired tokens are deleted.
+    #[serde(default = "default_sweep")]
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            sweep_interval_seconds: default_sweep(),
+        }
+    }
+}
+
+fn default_sweep() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +390,11 @@ impl Config {
         if self.shred.approval_window_seconds == 0 {
             return Err(ConfigError(
                 "shred.approval_window_seconds must be positive".into(),
+            ));
+        }
+        if self.vault.sweep_interval_seconds == 0 {
+            return Err(ConfigError(
+                "vault.sweep_interval_seconds must be positive".into(),
             ));
         }
         if self.rotation.check_interval_seconds == 0 {

@@ -1,5 +1,5 @@
 //! kms-sidecar: a localhost envelope-encryption sidecar. Layers point one way:
-//! `crypto` ← `providers` ← `keyring` ← `store` ← `api` ← `main`.
+//! `crypto` ← `providers` ← `keyring` ← `vault` ← `store` ← `api` ← `main`.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -11,3 +11,4 @@ pub mod providers;
 pub mod server;
 pub mod store;
 pub mod tenant;
+pub mod vault;

@@ -245,6 +245,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     // Roots first: a refused root must not leave a fresh data dir or store behind.
     let roots = load_roots(config)?;
     let store = open_store(config)?;
+    let vault_store: Arc<dyn crate::vault::VaultStore> = store.clone();
     let store: Arc<dyn KeyringStore> = store;
     let keyring = Keyring::new(store, roots, config.keyring_options())
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -285,12 +286,28 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             }
         }));
     }
+    let vault = crate::vault::Vault::new(keyring.clone(), vault_store);
+    {
+        let (vault, every) = (vault.clone(), config.vault.sweep_interval_seconds);
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(every));
+            loop {
+                tick.tick().await;
+                match vault.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tokens = n, "expired tokens deleted"),
+                    Err(e) => tracing::warn!(error = %e, "token sweep failed"),
+                }
+            }
+        }));
+    }
     let state = Arc::new(AppState {
         keyring,
         auth: Authenticator::new(principals),
         limits: config.limits(),
         audit: audit.clone(),
         shred_window: Duration::from_secs(config.shred.approval_window_seconds),
+        vault,
     });
     let mode = config
         .socket_mode()

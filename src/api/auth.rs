@@ -27,10 +27,16 @@ pub enum Operation {
     AdminRetire,
     /// Request and approve destruction of key material (two distinct principals needed).
     AdminShred,
+    Tokenize,
+    /// Values of tokens in full.
+    Reveal,
+    /// Values of tokens masked to their last four characters only.
+    RevealMasked,
+    TokensDelete,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 13] = [
         Operation::Seal,
         Operation::Open,
         Operation::Datakey,
@@ -40,6 +46,10 @@ impl Operation {
         Operation::AdminRotate,
         Operation::AdminRetire,
         Operation::AdminShred,
+        Operation::Tokenize,
+        Operation::Reveal,
+        Operation::RevealMasked,
+        Operation::TokensDelete,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -53,6 +63,10 @@ impl Operation {
             Operation::AdminRotate => "admin.rotate",
             Operation::AdminRetire => "admin.retire",
             Operation::AdminShred => "admin.shred",
+            Operation::Tokenize => "tokenize",
+            Operation::Reveal => "reveal",
+            Operation::RevealMasked => "reveal.masked",
+            Operation::TokensDelete => "tokens.delete",
         }
     }
 }

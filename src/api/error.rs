@@ -51,6 +51,14 @@ pub enum ApiError {
     ApprovalNotPending,
     #[error("audit log unavailable; the operation was not performed")]
     AuditUnavailable,
+    #[error("token not found")]
+    TokenNotFound,
+    #[error("{0}")]
+    InvalidValue(String),
+    #[error("{0}")]
+    FormatSpaceTooSmall(String),
+    #[error("no free token left in this format for the value")]
+    TokenSpaceExhausted,
     #[error("root key unavailable")]
     RootKeyUnavailable,
     #[error("access to the root key was denied")]
@@ -91,6 +99,10 @@ impl ApiError {
             ApprovalSamePrincipal => (StatusCode::FORBIDDEN, "approval_same_principal"),
             ApprovalNotPending => (StatusCode::CONFLICT, "approval_not_pending"),
             AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            TokenNotFound => (StatusCode::NOT_FOUND, "token_not_found"),
+            InvalidValue(_) => (StatusCode::BAD_REQUEST, "invalid_value"),
+            FormatSpaceTooSmall(_) => (StatusCode::BAD_REQUEST, "format_space_too_small"),
+            TokenSpaceExhausted => (StatusCode::CONFLICT, "token_space_exhausted"),
             RootKeyUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "root_key_unavailable"),
             RootKeyAccessDenied => (StatusCode::FORBIDDEN, "root_key_access_denied"),
             KeyUnwrapFailed => (StatusCode::INTERNAL_SERVER_ERROR, "key_unwrap_failed"),
@@ -125,6 +137,19 @@ impl From<KeyringError> for ApiError {
             KeyringError::Store(StoreError::Corrupt(_)) => ApiError::Internal,
             KeyringError::Store(StoreError::Refused(m)) => ApiError::Conflict(m),
             KeyringError::Crypto(_) | KeyringError::Internal(_) => ApiError::Internal,
+        }
+    }
+}
+
+impl From<crate::vault::VaultError> for ApiError {
+    fn from(e: crate::vault::VaultError) -> Self {
+        use crate::vault::VaultError;
+        match e {
+            VaultError::InvalidValue(m) => ApiError::InvalidValue(m),
+            VaultError::FormatSpaceTooSmall(m) => ApiError::FormatSpaceTooSmall(m),
+            VaultError::TokenSpaceExhausted => ApiError::TokenSpaceExhausted,
+            VaultError::TokenNotFound => ApiError::TokenNotFound,
+            VaultError::Keyring(k) => k.into(),
         }
     }
 }

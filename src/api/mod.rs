@@ -49,6 +49,7 @@ pub struct AppState {
     pub audit: crate::audit::Audit,
     /// How long a shred request waits for its second admin.
     pub shred_window: Duration,
+    pub vault: crate::vault::Vault,
 }
 
 /// Errors setting up listeners.

@@ -46,6 +46,10 @@ pub enum Action {
     Rotate,
     Retire,
     Shred,
+    Tokenize,
+    TokenizeBatch,
+    Reveal,
+    DeleteToken,
 }
 
 impl Action {
@@ -60,12 +64,17 @@ impl Action {
             Action::Rotate => Operation::AdminRotate,
             Action::Retire => Operation::AdminRetire,
             Action::Shred => Operation::AdminShred,
+            Action::Tokenize | Action::TokenizeBatch => Operation::Tokenize,
+            // Refined after the body is read: `reveal.masked` suffices for masked reveals.
+            Action::Reveal => Operation::Reveal,
+            Action::DeleteToken => Operation::TokensDelete,
         }
     }
 
     fn method(self) -> Method {
         match self {
             Action::Keys => Method::GET,
+            Action::DeleteToken => Method::DELETE,
             _ => Method::POST,
         }
     }
@@ -79,7 +88,10 @@ impl Action {
     }
 
     fn is_admin(self) -> bool {
-        matches!(self, Action::Rotate | Action::Retire | Action::Shred)
+        matches!(
+            self,
+            Action::Rotate | Action::Retire | Action::Shred | Action::DeleteToken
+        )
     }
 }
 
@@ -91,6 +103,7 @@ pub enum Route<'a> {
     Approvals,
     Approve { id: &'a str },
     Tenant { tenant: &'a str, action: Action },
+    Token { tenant: &'a str, token: &'a str },
 }
 
 /// Every route of the router, as (method, path template): the OpenAPI check compares with this.
@@ -112,6 +125,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tenants/{tenant}:shred"),
     ("GET", "/v1/approvals"),
     ("POST", "/v1/approvals/{id}:approve"),
+    ("POST", "/v1/tenants/{tenant}/tokens"),
+    ("POST", "/v1/tenants/{tenant}/tokens:batch"),
+    ("POST", "/v1/tenants/{tenant}/tokens:reveal"),
+    ("DELETE", "/v1/tenants/{tenant}/tokens/{token}"),
 ];
 
 pub fn route(path: &str) -> Option<Route<'_>> {
@@ -147,7 +164,14 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "keys" => Action::Keys,
         "keys:rotate" => Action::Rotate,
         "keys:retire" => Action::Retire,
-        _ => return None,
+        "tokens" => Action::Tokenize,
+        "tokens:batch" => Action::TokenizeBatch,
+        "tokens:reveal" => Action::Reveal,
+        other => {
+            let token = other.strip_prefix("tokens/")?;
+            return (!token.is_empty() && !token.contains('/'))
+                .then_some(Route::Token { tenant, token });
+        }
     };
     Some(Route::Tenant { tenant, action })
 }
@@ -203,6 +227,43 @@ struct ShredRequest {
     /// Shred one (non-active) version instead of the whole tenant.
     #[serde(default)]
     version: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeBody {
+    value: SecretString,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    deterministic: bool,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    /// `keep` (default) or `tokenize`, for the email format.
+    #[serde(default)]
+    email_domain: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevealBody {
+    tokens: Vec<String>,
+    /// `last4`: all but the last four characters masked.
+    #[serde(default)]
+    mask: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TokenView {
+    token: String,
+    format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct RevealedValue<'a> {
+    value: &'a str,
 }
 
 #[derive(Serialize)]
@@ -451,7 +512,9 @@ async fn dispatch(
     request_id: &str,
     trail: &mut Trail,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let route = route(req.uri().path()).ok_or(ApiError::NotFound)?;
+    let path = req.uri().path().to_owned();
+    let route = route(&path).ok_or(ApiError::NotFound)?;
+    let mut token_param: Option<String> = None;
     let (tenant_raw, action) = match route {
         Route::Healthz | Route::Readyz => {
             if req.method() != Method::GET {
@@ -544,6 +607,10 @@ async fn dispatch(
             return Ok(json_ok(&view));
         }
         Route::Tenant { tenant, action } => (tenant.to_owned(), action),
+        Route::Token { tenant, token } => {
+            token_param = Some(token.to_owned());
+            (tenant.to_owned(), Action::DeleteToken)
+        }
     };
     if req.method() != action.method() {
         return Err(ApiError::MethodNotAllowed);
@@ -554,7 +621,14 @@ async fn dispatch(
     trail.principal = Some(principal.name.clone());
     let tenant = TenantId::parse(&tenant_raw).map_err(|_| ApiError::InvalidTenant)?;
     trail.tenant = Some(tenant.to_string());
-    if !principal.may(action.operation(), &tenant) {
+    let allowed = match action {
+        Action::Reveal => {
+            principal.may(Operation::Reveal, &tenant)
+                || principal.may(Operation::RevealMasked, &tenant)
+        }
+        _ => principal.may(action.operation(), &tenant),
+    };
+    if !allowed {
         return Err(ApiError::Forbidden);
     }
 
@@ -734,6 +808,112 @@ async fn dispatch(
             trail.key_version = Some(record.min_decrypt_version);
             Ok(json_ok(&TenantView::from(&record)))
         }
+        Action::Tokenize | Action::TokenizeBatch => {
+            let bodies = if action == Action::Tokenize {
+                vec![parse_json::<TokenizeBody>(&body)?]
+            } else {
+                let batch: Batch<TokenizeBody> = parse_json(&body)?;
+                check_batch(state, batch.items.len())?;
+                batch.items
+            };
+            let mut items = Vec::with_capacity(bodies.len());
+            let mut early: Vec<Option<ApiError>> = Vec::with_capacity(bodies.len());
+            for b in bodies {
+                match tokenize_item(b) {
+                    Ok(item) => {
+                        items.push(item);
+                        early.push(None);
+                    }
+                    Err(e) => early.push(Some(e)),
+                }
+            }
+            let mut issued = state.vault.tokenize(&tenant, items).await?.into_iter();
+            let mut results = Vec::with_capacity(early.len());
+            for e in early {
+                let r = match e {
+                    Some(e) => Err(e),
+                    None => issued
+                        .next()
+                        .unwrap_or(Err(crate::vault::VaultError::TokenSpaceExhausted))
+                        .map_err(ApiError::from),
+                };
+                results.push(r.map(|t| TokenView {
+                    token: t.token,
+                    format: t.format,
+                    expires_at: t.expires_at,
+                }));
+            }
+            trail.count = Some(results.len() as u64);
+            if action == Action::Tokenize {
+                return match results.pop() {
+                    Some(Ok(view)) => Ok(json_ok(&view)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(ApiError::Internal),
+                };
+            }
+            let mut out = Vec::with_capacity(results.len());
+            for r in results {
+                out.push(match r {
+                    Ok(v) => ItemResult::Ok(v),
+                    Err(e) => item_error(e)?,
+                });
+            }
+            Ok(json_ok(&Results { results: out }))
+        }
+        Action::Reveal => {
+            let req: RevealBody = parse_json(&body)?;
+            check_batch(state, req.tokens.len())?;
+            let mask = match req.mask.as_deref() {
+                None => false,
+                Some("last4") => true,
+                Some(other) => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "unknown mask {other:?} (known: last4)"
+                    )));
+                }
+            };
+            if !mask && !principal.may(Operation::Reveal, &tenant) {
+                return Err(ApiError::Forbidden);
+            }
+            trail.operation = Some(if mask { "reveal.masked" } else { "reveal" });
+            trail.count = Some(req.tokens.len() as u64);
+            let values = state.vault.reveal(&tenant, &req.tokens, mask).await?;
+            let found = values.iter().filter(|v| v.is_ok()).count() as u64;
+            // Every reveal is on disk before any value leaves (fail closed).
+            let record = Record {
+                operation: trail.operation.unwrap_or("reveal").to_owned(),
+                outcome: "ok".into(),
+                request_id: Some(request_id.to_owned()),
+                principal: trail.principal.clone(),
+                peer: Some(peer.to_string()),
+                tenant: trail.tenant.clone(),
+                count: Some(found),
+                detail: Some(format!(
+                    "{} tokens asked, {found} revealed",
+                    req.tokens.len()
+                )),
+                ..Record::default()
+            };
+            state.audit.admin(record).await.map_err(|e| {
+                tracing::error!(%request_id, error = %e, "audit log unavailable; refusing a reveal");
+                ApiError::AuditUnavailable
+            })?;
+            trail.operation = None;
+            let mut out = Vec::with_capacity(values.len());
+            for v in &values {
+                out.push(match v {
+                    Ok(s) => ItemResult::Ok(RevealedValue { value: s }),
+                    Err(e) => item_error(ApiError::from(e.clone()))?,
+                });
+            }
+            Ok(secret_body(&serde_json::json!({ "values": out })))
+        }
+        Action::DeleteToken => {
+            let token = token_param.unwrap_or_default();
+            trail.count = Some(1);
+            state.vault.delete(&tenant, &token).await?;
+            Ok(json_ok(&serde_json::json!({ "deleted": true })))
+        }
         Action::Shred => {
             let req: ShredRequest = if empty_body {
                 ShredRequest::default()
@@ -806,10 +986,9 @@ async fn rewrap_item(
 /// root down) fail the whole batch, since every later item would fail the same way.
 fn item_error<T>(e: ApiError) -> Result<ItemResult<T>, ApiError> {
     let (status, code) = e.status_and_code();
-    if status.is_server_error()
-        || status == StatusCode::NOT_FOUND
-        || status == StatusCode::FORBIDDEN
-    {
+    let whole_request = status.is_server_error()
+        || matches!(code, "forbidden" | "tenant_not_found" | "tenant_destroyed");
+    if whole_request {
         return Err(e);
     }
     Ok(ItemResult::Err {
@@ -835,6 +1014,45 @@ fn batch_open_response(
         });
     }
     Ok(secret_body(&Results { results }))
+}
+
+fn tokenize_item(b: TokenizeBody) -> Result<crate::vault::TokenizeItem, ApiError> {
+    use crate::vault::format::Format;
+    let keep_domain = match b.email_domain.as_deref() {
+        None | Some("keep") => true,
+        Some("tokenize") => false,
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "email_domain must be keep or tokenize, not {other:?}"
+            )));
+        }
+    };
+    let format = match b.format.as_deref().unwrap_or("opaque") {
+        "opaque" => Format::Opaque,
+        "digits" => Format::Digits,
+        "card" => Format::Card,
+        "email" => Format::Email { keep_domain },
+        other => {
+            return Err(ApiError::InvalidRequest(format!(
+                "unknown format {other:?} (known: opaque, digits, card, email)"
+            )));
+        }
+    };
+    let ttl = match b.ttl_seconds {
+        None => None,
+        Some(s) if (1..=10 * 365 * 86_400).contains(&s) => Some(std::time::Duration::from_secs(s)),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "ttl_seconds must be between 1 and ten years".into(),
+            ));
+        }
+    };
+    Ok(crate::vault::TokenizeItem {
+        value: Zeroizing::new(b.value.expose_secret().to_owned()),
+        format,
+        deterministic: b.deterministic,
+        ttl,
+    })
 }
 
 fn check_batch(state: &AppState, n: usize) -> Result<(), ApiError> {
@@ -1028,7 +1246,10 @@ mod tests {
         assert_eq!(route("/v1/tenants/acme"), None);
         assert_eq!(route("/v2/tenants/acme/seal"), None);
         for (_, template) in ROUTES {
-            let path = template.replace("{tenant}", "t").replace("{id}", "apr_1");
+            let path = template
+                .replace("{tenant}", "t")
+                .replace("{id}", "apr_1")
+                .replace("{token}", "tok_x");
             assert!(route(&path).is_some(), "{template}");
         }
     }

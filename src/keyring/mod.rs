@@ -6,6 +6,7 @@ mod rewrap;
 mod ring;
 
 pub use rewrap::{RewrapPlan, RewrapSummary, rewrap_roots};
+pub(crate) use ring::unix_now;
 pub use ring::{IssuedDataKey, Keyring, KeyringOptions, TenantKeys};
 
 use std::fmt;

@@ -229,6 +229,22 @@ impl Keyring {
         })
     }
 
+    /// The tenant's key for deterministic token indexes: HKDF of key version 1, which every
+    /// tenant has and rotation never changes (shredding version 1 ends deterministic lookups).
+    pub async fn token_index_key(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, KeyringError> {
+        self.tenant(tenant, self.inner.options.auto_create_tenants)
+            .await?;
+        let first = self.version_key(tenant, 1).await?;
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, first.expose());
+        let mut out = zeroize::Zeroizing::new([0u8; 32]);
+        hk.expand(b"kms-sidecar/token-index/v1", out.as_mut_slice())
+            .map_err(|_| KeyringError::Internal("token index key derivation"))?;
+        Ok(out)
+    }
+
     /// Opens a data key made by `issue_datakey`.
     pub async fn unwrap_datakey(
         &self,

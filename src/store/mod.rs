@@ -1,4 +1,5 @@
-//! Storage engines: tenants and wrapped key versions (never a plaintext key). One trait,
+//! Storage engines: tenants, wrapped key versions and sealed token values (never a plaintext
+//! key or value). One trait,
 //! `Store`, extends every layer's storage port; SQLite is the embedded default and PostgreSQL
 //! will implement the same trait. Knows nothing about HTTP or key unwrapping.
 
@@ -7,8 +8,9 @@ pub mod sqlite;
 pub use sqlite::SqliteStore;
 
 use crate::keyring::KeyringStore;
+use crate::vault::VaultStore;
 
-/// Everything a sidecar keeps: the key ring's records today; vault and approvals join here.
-pub trait Store: KeyringStore {}
+/// Everything a sidecar keeps: key rings, approvals, the change feed and the token vault.
+pub trait Store: KeyringStore + VaultStore {}
 
-impl<T: KeyringStore> Store for T {}
+impl<T: KeyringStore + VaultStore> Store for T {}

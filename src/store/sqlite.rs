@@ -17,6 +17,7 @@ use crate::keyring::{
 };
 use crate::providers::RootId;
 use crate::tenant::TenantId;
+use crate::vault::{InsertOutcome, StoredToken, TokenRow, VaultStore};
 
 /// Each entry moves the schema from version `index` to `index + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -66,6 +67,22 @@ CREATE TABLE approvals (
     state         TEXT    NOT NULL CHECK (state IN ('pending', 'executed')),
     CHECK (approved_by IS NULL OR approved_by <> requested_by)
 ) STRICT;
+"#,
+    r#"
+CREATE TABLE tokens (
+    tenant       TEXT    NOT NULL,
+    token        TEXT    NOT NULL,
+    format       TEXT    NOT NULL,
+    det_index    BLOB,
+    sealed       BLOB    NOT NULL,
+    key_version  INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER,
+    PRIMARY KEY (tenant, token)
+) STRICT, WITHOUT ROWID;
+-- One deterministic token per (tenant, format, value): the index is an HMAC, never the value.
+CREATE UNIQUE INDEX tokens_deterministic ON tokens (tenant, format, det_index) WHERE det_index IS NOT NULL;
+CREATE INDEX tokens_expiry ON tokens (expires_at) WHERE expires_at IS NOT NULL;
 "#,
 ];
 
@@ -514,6 +531,9 @@ impl KeyringStore for SqliteStore {
                 ShredTarget::Tenant => {
                     tx.execute("DELETE FROM key_wrappings WHERE tenant = ?1", params![t])
                         .map_err(db)?;
+                    // Unreadable already without the keys; deleted too, so nothing lingers.
+                    tx.execute("DELETE FROM tokens WHERE tenant = ?1", params![t])
+                        .map_err(db)?;
                     tx.execute(
                         "UPDATE key_versions SET state = 'destroyed' WHERE tenant = ?1",
                         params![t],
@@ -718,6 +738,142 @@ impl KeyringStore for SqliteStore {
                 )
                 .map_err(db)?;
             Ok(n == 1)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl VaultStore for SqliteStore {
+    async fn insert_tokens(
+        &self,
+        rows: &[TokenRow],
+        now: i64,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let rows = rows.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            {
+                let mut find_det = tx
+                    .prepare_cached(
+                        "SELECT token, expires_at FROM tokens WHERE tenant = ?1 AND format = ?2 AND det_index = ?3
+                         AND (expires_at IS NULL OR expires_at > ?4)",
+                    )
+                    .map_err(db)?;
+                let mut drop_expired_det = tx
+                    .prepare_cached(
+                        "DELETE FROM tokens WHERE tenant = ?1 AND format = ?2 AND det_index = ?3 AND expires_at <= ?4",
+                    )
+                    .map_err(db)?;
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO tokens (tenant, token, format, det_index, sealed, key_version, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )
+                    .map_err(db)?;
+                for r in &rows {
+                    let t = r.tenant.as_str();
+                    if let Some(idx) = &r.det_index {
+                        let existing = find_det
+                            .query_row(params![t, r.format, idx, now], |row| {
+                                Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?))
+                            })
+                            .optional()
+                            .map_err(db)?;
+                        if let Some((token, expires_at)) = existing {
+                            out.push(InsertOutcome::Existing { token, expires_at });
+                            continue;
+                        }
+                        drop_expired_det
+                            .execute(params![t, r.format, idx, now])
+                            .map_err(db)?;
+                    }
+                    let n = insert
+                        .execute(params![
+                            t,
+                            r.token,
+                            r.format,
+                            r.det_index,
+                            r.sealed,
+                            r.key_version,
+                            r.created_at,
+                            r.expires_at
+                        ])
+                        .map_err(db)?;
+                    out.push(if n == 1 {
+                        InsertOutcome::Inserted
+                    } else {
+                        InsertOutcome::TokenTaken
+                    });
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn lookup_tokens(
+        &self,
+        tenant: &TenantId,
+        tokens: &[String],
+        now: i64,
+    ) -> Result<Vec<Option<StoredToken>>, StoreError> {
+        let t = tenant.as_str().to_owned();
+        let tokens = tokens.to_vec();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT format, sealed, expires_at FROM tokens WHERE tenant = ?1 AND token = ?2
+                     AND (expires_at IS NULL OR expires_at > ?3)",
+                )
+                .map_err(db)?;
+            tokens
+                .iter()
+                .map(|token| {
+                    stmt.query_row(params![t, token, now], |r| {
+                        Ok(StoredToken {
+                            format: r.get(0)?,
+                            sealed: r.get(1)?,
+                            expires_at: r.get(2)?,
+                        })
+                    })
+                    .optional()
+                    .map_err(db)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_token(
+        &self,
+        tenant: &TenantId,
+        token: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (t, token) = (tenant.as_str().to_owned(), token.to_owned());
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM tokens WHERE tenant = ?1 AND token = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+                    params![t, token, now],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn purge_expired_tokens(&self, now: i64) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute("DELETE FROM tokens WHERE expires_at <= ?1", params![now])
+                .map_err(db)?;
+            Ok(n as u64)
         })
         .await
     }

@@ -21,6 +21,8 @@ pub const TOKEN_A: &str = "tok-tenant-a-0123456789";
 pub const TOKEN_SEAL_ONLY: &str = "tok-seal-only-0123456789";
 pub const TOKEN_ADMIN2: &str = "tok-admin-two-0123456789";
 pub const TOKEN_REWRAP_ONLY: &str = "tok-rewrap-only-0123456789";
+pub const TOKEN_TOKENIZER: &str = "tok-tokenizer-0123456789";
+pub const TOKEN_MASKED: &str = "tok-masked-reveal-0123456789";
 
 pub fn sha(t: &str) -> String {
     hex::encode(kms_sidecar::api::auth::token_sha256(t))
@@ -66,12 +68,26 @@ name = "rewrap-only"
 token_sha256 = ["{rewrap}"]
 tenants = ["*"]
 operations = ["rewrap"]
+
+[[principals]]
+name = "tokenizer"
+token_sha256 = ["{tokenizer}"]
+tenants = ["*"]
+operations = ["tokenize"]
+
+[[principals]]
+name = "masked"
+token_sha256 = ["{masked}"]
+tenants = ["*"]
+operations = ["reveal.masked"]
 "#,
         admin = sha(TOKEN_ADMIN),
         a = sha(TOKEN_A),
         seal = sha(TOKEN_SEAL_ONLY),
         admin2 = sha(TOKEN_ADMIN2),
         rewrap = sha(TOKEN_REWRAP_ONLY),
+        tokenizer = sha(TOKEN_TOKENIZER),
+        masked = sha(TOKEN_MASKED),
     )
 }
 
