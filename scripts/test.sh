@@ -2,7 +2,8 @@
 # Every check of the project, from a fresh Debian machine with Rust stable:
 # format, lints, all Rust tests (unit, property, integration against a real sidecar), the
 # independent Python check of the published envelope vectors, and the examples against a live
-# `serve --dev`. Installs what it needs when missing. Prints a closing "tests: N passed, M failed".
+# `serve --dev`. The PKCS#11 tests run against a real SoftHSM 2 token. Installs what it needs when
+# missing (SoftHSM and OpenSC through apt-get). Prints a closing "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -25,6 +26,17 @@ for tool in curl python3; do
     fi
   fi
 done
+# SoftHSM 2 is the real token of the PKCS#11 tests; OpenSC's pkcs11-tool checks keys independently.
+# Missing and not installable is a failure, never a skip.
+softhsm_ok() { [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null && command -v pkcs11-tool >/dev/null; }
+if ! softhsm_ok && { [ "${CI:-}" = true ] || [ "$(id -u)" = 0 ]; }; then
+  echo "installing softhsm2 and opensc (PKCS#11 tests)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc >/dev/null
+fi
+if ! softhsm_ok; then
+  echo "SoftHSM 2 / OpenSC missing: apt-get install -y softhsm2 opensc (the PKCS#11 tests need them)" >&2
+  exit 1
+fi
 { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1 || rustup component add rustfmt clippy
 
 step "cargo fmt --check"

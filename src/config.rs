@@ -55,6 +55,9 @@ pub struct Config {
     /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
     #[serde(skip)]
     pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
+    /// User PINs of PKCS#11 roots with `pin_env`, read from the variables they name at load time.
+    #[serde(skip)]
+    pub pins: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +229,8 @@ pub enum RootConfig {
         /// Environment variable holding the passphrase of a sealed keyfile.
         passphrase_env: Option<String>,
     },
+    /// A key in a PKCS#11 token (HSM); see hsm/README.md.
+    Pkcs11(crate::providers::pkcs11::Pkcs11Config),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +353,30 @@ impl Config {
                 std::sync::Arc::new(secrecy::SecretString::from(value.as_str())),
             );
         }
+        for (i, root) in config.roots.iter().enumerate() {
+            let RootConfig::Pkcs11(p) = root else {
+                continue;
+            };
+            p.validate()
+                .map_err(|(key, m)| ConfigError(format!("roots[{i}].{key}: {m}")))?;
+            let Some(var) = &p.pin_env else {
+                continue;
+            };
+            if var.starts_with(ENV_PREFIX) {
+                return Err(ConfigError(format!(
+                    "roots[{i}].pin_env: {var} must not start with {ENV_PREFIX}, which is for overrides"
+                )));
+            }
+            let value = env_snapshot.get(var).ok_or_else(|| {
+                ConfigError(format!(
+                    "roots[{i}].pin_env: environment variable {var} is not set"
+                ))
+            })?;
+            config.pins.insert(
+                var.clone(),
+                std::sync::Arc::new(secrecy::SecretString::from(value.as_str())),
+            );
+        }
         config.validate()?;
         Ok(config)
     }
@@ -453,6 +482,11 @@ impl Config {
 
     pub fn passphrase(&self, var: &str) -> Option<&secrecy::SecretString> {
         self.passphrases.get(var).map(|p| p.as_ref())
+    }
+
+    /// The PIN read from `pin_env` of a PKCS#11 root.
+    pub fn pin(&self, var: &str) -> Option<&secrecy::SecretString> {
+        self.pins.get(var).map(|p| p.as_ref())
     }
 
     pub fn roots(&self) -> Vec<RootConfig> {

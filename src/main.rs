@@ -9,9 +9,11 @@ use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
 use kms_sidecar::api::auth::token_sha256;
-use kms_sidecar::config::Config;
+use kms_sidecar::config::{Config, RootConfig};
 use kms_sidecar::keyring::KeyringStore;
+use kms_sidecar::providers::RootProvider;
 use kms_sidecar::providers::keyfile::{KdfParams, create_keyfile};
+use kms_sidecar::providers::pkcs11::{self, Pkcs11Config, Pkcs11Root};
 use kms_sidecar::server::{self, StartError};
 use kms_sidecar::tenant::TenantId;
 
@@ -76,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// PKCS#11 HSM roots: check the setup, create the root key.
+    Hsm {
+        #[command(subcommand)]
+        command: HsmCommand,
+    },
 }
 
 /// How admin commands reach the running sidecar.
@@ -88,6 +95,52 @@ struct Remote {
     /// Environment variable holding a bearer token to identify as instead of the uid.
     #[arg(long)]
     token_env: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum HsmCommand {
+    /// Load the module, find the token, log in, find the key, and run a wrap/unwrap self-test
+    /// with every mechanism the token offers, printing each step.
+    Check {
+        #[command(flatten)]
+        root: HsmRootArgs,
+    },
+    /// Create the root key: AES-256, a token object, private, sensitive, not extractable,
+    /// usable only to encrypt and decrypt. Refuses a label already in use.
+    InitKey {
+        /// CKA_LABEL of the new key (put it in `key_label`).
+        #[arg(long)]
+        label: String,
+        /// CKA_ID of the new key, in hex (default: 8 random bytes).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        root: HsmRootArgs,
+    },
+}
+
+/// The PKCS#11 root to use: the configuration's first `kind = "pkcs11"` root, with these
+/// flags overriding its settings (or standing in for it when the configuration has none).
+#[derive(clap::Args)]
+struct HsmRootArgs {
+    /// PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long)]
+    module: Option<PathBuf>,
+    #[arg(long, conflicts_with = "slot_id")]
+    token_label: Option<String>,
+    #[arg(long)]
+    slot_id: Option<u64>,
+    /// File holding the user PIN (mode 0600).
+    #[arg(long, conflicts_with = "pin_env")]
+    pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    #[arg(long)]
+    pin_env: Option<String>,
+    #[arg(long)]
+    key_label: Option<String>,
+    /// CKA_ID in hex.
+    #[arg(long)]
+    key_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -502,6 +555,129 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 }
                 Ok(())
             })
+        }
+        Command::Hsm { command } => {
+            let mut config = load_config(&cli)?;
+            hsm(&mut config, command)
+        }
+    }
+}
+
+/// The PKCS#11 settings for `hsm` commands: the config's first pkcs11 root, then the flags.
+fn hsm_root(config: &mut Config, args: &HsmRootArgs) -> Result<Pkcs11Config, StartError> {
+    let base = config.roots.iter().find_map(|r| match r {
+        RootConfig::Pkcs11(p) => Some(p.clone()),
+        _ => None,
+    });
+    let mut p = match (base, &args.module) {
+        (Some(p), _) => p,
+        (None, Some(module)) => Pkcs11Config {
+            module: module.clone(),
+            token_label: None,
+            slot_id: None,
+            pin_file: None,
+            pin_env: None,
+            key_label: None,
+            key_id: None,
+            sessions: pkcs11::DEFAULT_SESSIONS,
+            mechanism: Default::default(),
+        },
+        (None, None) => {
+            return Err(StartError::Config(
+                "no [[roots]] with kind = \"pkcs11\" in the configuration: pass --config, or --module with --token-label/--slot-id and --pin-file/--pin-env".into(),
+            ));
+        }
+    };
+    if let Some(m) = &args.module {
+        p.module = m.clone();
+    }
+    if args.token_label.is_some() || args.slot_id.is_some() {
+        p.token_label = args.token_label.clone();
+        p.slot_id = args.slot_id;
+    }
+    if args.pin_file.is_some() || args.pin_env.is_some() {
+        p.pin_file = args.pin_file.clone();
+        p.pin_env = args.pin_env.clone();
+    }
+    if args.key_label.is_some() || args.key_id.is_some() {
+        p.key_label = args.key_label.clone();
+        p.key_id = args.key_id.clone();
+    }
+    if let Some(var) = &args.pin_env {
+        let pin = std::env::var(var).map_err(|_| {
+            StartError::Config(format!("--pin-env: environment variable {var} is not set"))
+        })?;
+        config
+            .pins
+            .insert(var.clone(), std::sync::Arc::new(SecretString::from(pin)));
+    }
+    Ok(p)
+}
+
+fn hsm(config: &mut Config, command: &HsmCommand) -> Result<(), StartError> {
+    match command {
+        HsmCommand::Check { root } => {
+            let p = hsm_root(config, root)?;
+            p.validate()
+                .map_err(|(k, m)| StartError::Config(format!("pkcs11 {k}: {m}")))?;
+            let pin = server::pkcs11_pin(config, &p)?;
+            println!("checking the PKCS#11 root");
+            let root = Pkcs11Root::connect_reporting(&p, pin, &mut |step, detail| {
+                println!("  ok    {step:<10} {detail}");
+            })
+            .map_err(|e| {
+                println!("  FAIL  {e}");
+                StartError::Config(e.to_string())
+            })?;
+            runtime()?.block_on(async {
+                for &m in root.supported_mechanisms() {
+                    if m == root.mechanism() {
+                        continue;
+                    }
+                    match root.self_test(m).await {
+                        Ok(()) => println!(
+                            "  ok    {:<10} {} also round-trips (usable with mechanism = {:?})",
+                            "self-test",
+                            m.ckm(),
+                            m.name()
+                        ),
+                        Err(e) => {
+                            println!("  FAIL  self-test with {}: {e}", m.ckm());
+                            return Err(StartError::Runtime(e.to_string()));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            println!("root id: {}", root.id());
+            Ok(())
+        }
+        HsmCommand::InitKey { label, id, root } => {
+            let mut p = hsm_root(config, root)?;
+            p.key_label = Some(label.clone());
+            p.key_id = id.clone();
+            p.validate()
+                .map_err(|(k, m)| StartError::Config(format!("pkcs11 {k}: {m}")))?;
+            let id = id
+                .as_deref()
+                .map(hex::decode)
+                .transpose()
+                .map_err(|_| StartError::Config("--id: not hex".into()))?;
+            let pin = server::pkcs11_pin(config, &p)?;
+            let key = pkcs11::create_key(&p, &pin, label, id)
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            println!(
+                "created AES-256 key {:?} (id {}) on token {:?}: token object, private, sensitive, not extractable, encrypt/decrypt only",
+                key.label,
+                hex::encode(&key.id),
+                key.token_label
+            );
+            println!(
+                "root config: kind = \"pkcs11\", key_label = {:?}, key_id = \"{}\"",
+                key.label,
+                hex::encode(&key.id)
+            );
+            Ok(())
         }
     }
 }

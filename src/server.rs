@@ -22,6 +22,7 @@ use crate::config::{Config, RootConfig};
 use crate::keyring::{Keyring, KeyringStore};
 use crate::providers::RootProvider;
 use crate::providers::keyfile::{KdfParams, KeyfileRoot, create_keyfile};
+use crate::providers::pkcs11::{Pkcs11Config, Pkcs11Root};
 use crate::store::SqliteStore;
 
 /// Why a sidecar could not start: `Config` errors exit 2, `Runtime` errors exit 1.
@@ -186,8 +187,43 @@ pub fn load_roots(config: &Config) -> Result<Vec<Arc<dyn RootProvider>>, StartEr
                     .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
                     .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
             }
+            RootConfig::Pkcs11(p) => {
+                let pin = pkcs11_pin(config, p)
+                    .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))?;
+                Pkcs11Root::connect(p, pin)
+                    .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
+                    .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
+            }
         })
         .collect()
+}
+
+/// The user PIN of a PKCS#11 root: from `pin_file` (which must be private to this user, like a
+/// keyfile; one trailing newline is ignored) or from the variable `pin_env` named at load time.
+pub fn pkcs11_pin(config: &Config, p: &Pkcs11Config) -> Result<secrecy::SecretString, StartError> {
+    match (&p.pin_file, &p.pin_env) {
+        (Some(path), _) => {
+            check_private_file(path)?;
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                StartError::Config(format!("pin_file {}: cannot read: {e}", path.display()))
+            })?);
+            let pin = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            if pin.is_empty() {
+                return Err(StartError::Config(format!(
+                    "pin_file {}: the file is empty",
+                    path.display()
+                )));
+            }
+            Ok(secrecy::SecretString::from(pin))
+        }
+        (None, Some(var)) => config.pin(var).cloned().ok_or_else(|| {
+            StartError::Config(format!("pin_env: environment variable {var} is not set"))
+        }),
+        (None, None) => Err(StartError::Config("set pin_file or pin_env".into())),
+    }
 }
 
 /// Opens the configured store.
@@ -242,8 +278,14 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let principals: Vec<Principal> = config
         .principals()
         .map_err(|e| StartError::Config(e.to_string()))?;
-    // Roots first: a refused root must not leave a fresh data dir or store behind.
-    let roots = load_roots(config)?;
+    // Roots first: a refused root must not leave a fresh data dir or store behind. Loading
+    // blocks (Argon2id, PKCS#11 login and self-test), so it runs off the reactor.
+    let roots = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || load_roots(&config))
+            .await
+            .map_err(|e| StartError::Runtime(format!("loading the roots failed: {e}")))??
+    };
     let store = open_store(config)?;
     let vault_store: Arc<dyn crate::vault::VaultStore> = store.clone();
     let store: Arc<dyn KeyringStore> = store;

@@ -1,9 +1,10 @@
 //! Root-key providers: the one trait behind which every key-encryption key (KEK) sits — offline
-//! keyfile now; AWS KMS and PKCS#11 slot in beside it. A provider wraps and unwraps tenant data
+//! keyfile and PKCS#11 HSM now; AWS KMS slots in beside them. A provider wraps and unwraps tenant data
 //! keys with a context bound in, and never hands its root key out. Knows nothing about tenants'
 //! storage, caching or HTTP.
 
 pub mod keyfile;
+pub mod pkcs11;
 
 use std::fmt;
 
