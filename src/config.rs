@@ -52,6 +52,8 @@ pub struct Config {
     pub rotation: RotationConfig,
     #[serde(default)]
     pub vault: VaultConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
     /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
     #[serde(skip)]
     pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
@@ -91,6 +93,14 @@ pub struct LimitsConfig {
     pub max_batch_items: usize,
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_seconds: u64,
+    /// Open connections beyond this are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests being handled at once; beyond it, 503 `overloaded` without queueing.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
 }
 
 impl Default for LimitsConfig {
@@ -99,6 +109,9 @@ impl Default for LimitsConfig {
             max_body_bytes: default_max_body(),
             max_batch_items: default_max_batch(),
             header_read_timeout_seconds: default_header_timeout(),
+            max_connections: default_max_connections(),
+            max_in_flight: default_max_in_flight(),
+            max_headers: default_max_headers(),
         }
     }
 }
@@ -187,6 +200,26 @@ impl Default for RotationConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// `auto` (lock when permitted, warn once otherwise), `required`, or `off`.
+    #[serde(default = "default_memory_lock")]
+    pub lock: crate::os::MemoryLock,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            lock: default_memory_lock(),
+        }
+    }
+}
+
+fn default_memory_lock() -> crate::os::MemoryLock {
+    crate::os::MemoryLock::Auto
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     /// How often expired tokens are deleted.
     #[serde(default = "default_sweep")]
@@ -267,6 +300,15 @@ fn default_max_batch() -> usize {
 }
 fn default_header_timeout() -> u64 {
     10
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_in_flight() -> usize {
+    512
+}
+fn default_max_headers() -> usize {
+    64
 }
 fn default_cache_entries() -> u64 {
     100_000
@@ -385,6 +427,16 @@ impl Config {
         self.socket_mode()?;
         if self.limits.max_body_bytes == 0 {
             return Err(ConfigError("limits.max_body_bytes must be positive".into()));
+        }
+        if self.limits.max_connections == 0 || self.limits.max_in_flight == 0 {
+            return Err(ConfigError(
+                "limits.max_connections and limits.max_in_flight must be positive".into(),
+            ));
+        }
+        if !(8..=1024).contains(&self.limits.max_headers) {
+            return Err(ConfigError(
+                "limits.max_headers must be between 8 and 1024".into(),
+            ));
         }
         if self.limits.max_batch_items == 0 {
             return Err(ConfigError(
@@ -535,6 +587,9 @@ impl Config {
             max_body_bytes: self.limits.max_body_bytes,
             max_batch_items: self.limits.max_batch_items,
             header_read_timeout: Duration::from_secs(self.limits.header_read_timeout_seconds),
+            max_connections: self.limits.max_connections,
+            max_in_flight: self.limits.max_in_flight,
+            max_headers: self.limits.max_headers,
         }
     }
 

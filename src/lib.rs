@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod keyring;
+pub mod os;
 pub mod providers;
 pub mod server;
 pub mod store;

@@ -272,6 +272,18 @@ fn run(cli: Cli) -> Result<(), StartError> {
         Command::Serve { dev } => {
             let mut config = load_config(&cli)?;
             init_logging(&config.log)?;
+            // Before any key is loaded: no core dumps, memory locked where permitted.
+            let hardening =
+                kms_sidecar::os::harden(config.memory.lock).map_err(StartError::Config)?;
+            tracing::info!(
+                core_dumps_disabled = hardening.core_dumps_disabled,
+                memory_locked = hardening.memory_locked,
+                open_files_limit = hardening.open_files_limit,
+                "process hardened"
+            );
+            if let Some(note) = &hardening.memory_note {
+                tracing::warn!("{note}");
+            }
             let dev = if *dev {
                 Some(server::prepare_dev(
                     &mut config,

@@ -69,6 +69,8 @@ pub enum ApiError {
     StoreUnavailable,
     #[error("not ready")]
     NotReady,
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
     #[error("internal error")]
     Internal,
 }
@@ -108,6 +110,7 @@ impl ApiError {
             KeyUnwrapFailed => (StatusCode::INTERNAL_SERVER_ERROR, "key_unwrap_failed"),
             StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

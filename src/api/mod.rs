@@ -27,8 +27,12 @@ use auth::{Authenticator, Peer};
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_batch_items: usize,
-    /// A client must finish sending its request head within this (slowloris bound).
+    /// A client must finish sending its request head within this (slowloris bound); it also
+    /// closes keep-alive connections idle for that long.
     pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub max_headers: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +41,9 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             max_batch_items: 1000,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_in_flight: 512,
+            max_headers: 64,
         }
     }
 }
@@ -115,8 +122,17 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(state.limits.header_read_timeout)
         .max_buf_size(64 * 1024)
+        .max_headers(state.limits.max_headers)
         .keep_alive(true);
-    builder.http2().max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Some(state.limits.header_read_timeout))
+        .keep_alive_timeout(state.limits.header_read_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.limits.max_connections));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(state.limits.max_in_flight));
     tokio::pin!(shutdown);
     loop {
         let (io_peer, stream) = tokio::select! {
@@ -130,32 +146,50 @@ pub async fn serve(
                 None => continue,
             },
         };
+        // Past the connection limit the stream is dropped at once, so a flood of connections
+        // costs a file descriptor for microseconds, not a task and buffers.
+        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %io_peer, "connection limit reached; closing a new connection");
+            continue;
+        };
+        let idle = state.limits.header_read_timeout;
         let st = state.clone();
+        let in_flight = in_flight.clone();
         let service = service_fn(move |req| {
             let st = st.clone();
-            async move { Ok::<_, Infallible>(routes::handle(st, io_peer, req).await) }
+            let permit = in_flight.clone().try_acquire_owned();
+            async move {
+                let Ok(_permit) = permit else {
+                    return Ok::<_, Infallible>(routes::overloaded(&req));
+                };
+                Ok::<_, Infallible>(routes::handle(st, io_peer, req).await)
+            }
         });
         match stream {
             Conn::Unix(s) => {
                 let conn = builder
-                    .serve_connection(TokioIo::new(s), service)
+                    .serve_connection(TokioIo::new(IdleGuard::new(s, idle)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
+                let permit = conn_permit;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             Conn::Tcp(s) => {
                 let conn = builder
-                    .serve_connection(TokioIo::new(s), service)
+                    .serve_connection(TokioIo::new(IdleGuard::new(s, idle)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
+                let permit = conn_permit;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
         }
@@ -217,4 +251,105 @@ async fn accept_tcp(l: Option<&TcpListener>) -> Option<(Peer, tokio::net::TcpStr
 async fn accept_error(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Closes a connection whose peer sends nothing for `idle` after connecting or after the last
+/// response: hyper's own header timer starts only at a request's first byte, so without this a
+/// silent connection (or an idle keep-alive one) would be held forever. The deadline is disarmed
+/// while a request is being read or handled, so slow handlers are never cut.
+struct IdleGuard<S> {
+    inner: S,
+    idle: Duration,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> IdleGuard<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        IdleGuard {
+            inner,
+            idle,
+            deadline: Some(Box::pin(tokio::time::sleep(idle))),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleGuard<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let expired = match self.deadline.as_mut() {
+                    Some(d) => d.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle connection",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleGuard<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(_))) {
+            // A response went out: the peer now has `idle` to send the next request.
+            let idle = self.idle;
+            self.deadline = Some(Box::pin(tokio::time::sleep(idle)));
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(_))) {
+            let idle = self.idle;
+            self.deadline = Some(Box::pin(tokio::time::sleep(idle)));
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }

@@ -29,6 +29,8 @@ pub const AAD_HEADER: &str = "x-kms-aad";
 /// Key version of an octet-stream seal.
 pub const KEY_VERSION_HEADER: &str = "x-key-version";
 const JSON: &str = "application/json";
+/// The whole body must arrive within this.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 const OCTETS: &str = "application/octet-stream";
 
 /// What a tenant path names.
@@ -395,6 +397,18 @@ struct Trail {
     count: Option<u64>,
     admin: bool,
     approval: Option<Approval>,
+}
+
+/// The answer when too many requests are in flight: immediate, without reading the body.
+pub fn overloaded(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let id = request_id(req);
+    let mut resp = error_response(&ApiError::Overloaded, &id);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Handles one request; never fails (errors become error responses).
@@ -1094,7 +1108,14 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Zeroizing<Vec<u
             return Err(ApiError::BodyTooLarge { max });
         }
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    // A body trickled byte by byte must not hold the request (and its in-flight slot) forever.
+    let collected = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(req.into_body(), max).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::InvalidRequest("the request body arrived too slowly".into()))?;
+    match collected {
         Ok(collected) => Ok(Zeroizing::new(Vec::from(collected.to_bytes()))),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge { max }),
         Err(_) => Err(ApiError::InvalidRequest(

@@ -45,6 +45,9 @@ impl DataKey {
     }
 }
 
+/// The boxed bytes are wiped when the key drops (`SecretBox` zeroizes on drop).
+impl zeroize::ZeroizeOnDrop for DataKey {}
+
 impl PartialEq for DataKey {
     fn eq(&self, other: &Self) -> bool {
         self.expose().ct_eq(other.expose()).into()
@@ -84,6 +87,9 @@ impl SecretBytes {
     }
 }
 
+/// `Zeroizing` wipes the bytes when they drop.
+impl zeroize::ZeroizeOnDrop for SecretBytes {}
+
 impl From<Zeroizing<Vec<u8>>> for SecretBytes {
     fn from(v: Zeroizing<Vec<u8>>) -> Self {
         SecretBytes(v)
@@ -119,6 +125,17 @@ mod tests {
         assert_eq!(shown, "DataKey(..)");
         let s = SecretBytes::new(b"hunter2".to_vec());
         assert_eq!(format!("{s:?}"), "SecretBytes(7 bytes)");
+    }
+
+    /// Every type that holds key or value bytes wipes them on drop: checked at compile time.
+    #[test]
+    fn secret_types_zeroize_on_drop() {
+        fn wipes<T: zeroize::ZeroizeOnDrop>() {}
+        wipes::<DataKey>();
+        wipes::<SecretBytes>();
+        wipes::<zeroize::Zeroizing<[u8; KEY_LEN]>>();
+        wipes::<secrecy::SecretString>();
+        wipes::<aes_gcm::Aes256Gcm>();
     }
 
     #[test]
