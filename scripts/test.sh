@@ -66,15 +66,49 @@ for ex in "bash examples/curl.sh" "python3 examples/client.py"; do
     echo "FAIL $ex"; cat "$log/example.txt"; examples_failed=$((examples_failed + 1))
   fi
 done
+
+step "schemathesis: the OpenAPI document against the live sidecar"
+# Every operation with generated inputs: no server error, every answer matches the document.
+# SCHEMATHESIS_EXAMPLES raises the count (scripts/schemathesis.sh runs 200 per operation).
+if ! command -v schemathesis >/dev/null; then
+  echo "installing schemathesis"
+  python3 -m pip install --quiet schemathesis
+fi
+addr=$(sed -nE 's#^  tcp: +http://(127\.0\.0\.1:[0-9]+)$#\1#p' "$log/serve.out" | head -1)
+if schemathesis run "http://$addr/v1/openapi.json" \
+    --checks not_a_server_error,response_schema_conformance,content_type_conformance \
+    -H "Authorization: Bearer $(cat "$work/data/dev-token")" \
+    --max-examples "${SCHEMATHESIS_EXAMPLES:-20}" >"$log/schemathesis.txt" 2>&1; then
+  echo "ok   schemathesis ($(grep -E 'generated' "$log/schemathesis.txt" | tr -s ' '))"; examples_ok=$((examples_ok + 1))
+else
+  echo "FAIL schemathesis"; tail -60 "$log/schemathesis.txt"; examples_failed=$((examples_failed + 1))
+fi
 kill "$pid"; wait "$pid" || true
 rm -rf "$work"
+
+step "fuzz smoke: every cargo-fuzz target for a few seconds (scripts/fuzz.sh runs them long)"
+command -v cargo-fuzz >/dev/null || cargo install --quiet cargo-fuzz --locked
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then fuzz=(cargo +nightly fuzz); else fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz); fi
+fuzz_ok=0; fuzz_failed=0
+for target in $(cd fuzz && "${fuzz[@]}" list); do
+  scratch=$(mktemp -d)
+  # New inputs go to a scratch dir; the committed corpus is only read.
+  if (cd fuzz && "${fuzz[@]}" run "$target" "$scratch" "corpus/$target" -- \
+        -max_total_time="${FUZZ_SECONDS:-5}" -print_final_stats=1) >"$log/fuzz-$target.txt" 2>&1; then
+    runs=$(sed -nE 's/^stat::number_of_executed_units: *([0-9]+)/\1/p' "$log/fuzz-$target.txt" | tail -1)
+    echo "ok   fuzz $target (${runs:-?} runs)"; fuzz_ok=$((fuzz_ok + 1))
+  else
+    echo "FAIL fuzz $target"; tail -40 "$log/fuzz-$target.txt"; fuzz_failed=$((fuzz_failed + 1))
+  fi
+  rm -rf "$scratch"
+done
 
 # Sum what every runner reported into one closing line.
 read -r cargo_passed cargo_failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log/cargo-test.txt")
 # Each vector is a test; the checker's self-test counts as one.
 read -r py_passed py_failed < <(awk '/^vectors: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 } /^self-test: [0-9]+ passed, [0-9]+ failed$/ { if ($4 == 0) p += 1; else f += 1 } END { print p + 0, f + 0 }' "$log/vectors.txt" "$log/selftest.txt")
-passed=$((cargo_passed + py_passed + examples_ok))
-failed=$((cargo_failed + py_failed + examples_failed))
+passed=$((cargo_passed + py_passed + examples_ok + fuzz_ok))
+failed=$((cargo_failed + py_failed + examples_failed + fuzz_failed))
 echo
 echo "tests: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

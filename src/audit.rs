@@ -472,8 +472,8 @@ fn line_hash(line: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Checks one line's own hash; returns its seq and prev.
-fn check_line(line: &str) -> Result<(u64, String), String> {
+/// Checks one line's own hash; returns its seq and prev. Total: any input gives `Ok` or `Err`.
+pub fn check_line(line: &str) -> Result<(u64, String), String> {
     let (body, tail) = line
         .rsplit_once(",\"hash\":\"")
         .ok_or("no hash field at the end of the line")?;

@@ -348,12 +348,18 @@ impl Config {
                 .map_err(|e| ConfigError(format!("cannot read config {}: {e}", p.display())))?,
             None => String::new(),
         };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
-            ConfigError(format!(
-                "config {}: {e}",
-                file.map(|p| p.display().to_string()).unwrap_or_default()
-            ))
-        })?;
+        let name = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Self::from_toml_str(&name, &text, env)
+    }
+
+    /// Parses configuration text (`name` only labels errors) and applies overrides from `env`.
+    pub fn from_toml_str(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("config {name}: {e}")))?;
         let env_snapshot: std::collections::BTreeMap<String, zeroize::Zeroizing<String>> = env
             .into_iter()
             .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))

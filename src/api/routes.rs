@@ -23,6 +23,9 @@ use crate::crypto::{Purpose, SecretBytes};
 use crate::keyring::{Approval, ShredTarget};
 use crate::tenant::TenantId;
 
+/// The OpenAPI 3 description of this API, kept in the repository and served as is.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
 pub const REQUEST_ID: &str = "x-request-id";
 /// Base64 caller AAD for octet-stream seal/open.
 pub const AAD_HEADER: &str = "x-kms-aad";
@@ -101,6 +104,7 @@ impl Action {
 pub enum Route<'a> {
     Healthz,
     Readyz,
+    OpenApi,
     Tenants,
     Approvals,
     Approve { id: &'a str },
@@ -112,6 +116,7 @@ pub enum Route<'a> {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/v1/openapi.json"),
     ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants/{tenant}/seal"),
     ("POST", "/v1/tenants/{tenant}/open"),
@@ -137,6 +142,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     match path {
         "/healthz" => return Some(Route::Healthz),
         "/readyz" => return Some(Route::Readyz),
+        "/v1/openapi.json" => return Some(Route::OpenApi),
         "/v1/tenants" => return Some(Route::Tenants),
         "/v1/approvals" => return Some(Route::Approvals),
         _ => {}
@@ -548,6 +554,12 @@ async fn dispatch(
                 StatusCode::OK,
                 br#"{"status":"ok"}"#.to_vec(),
             ));
+        }
+        Route::OpenApi => {
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            return Ok(json_response(StatusCode::OK, OPENAPI.as_bytes().to_vec()));
         }
         Route::Tenants => {
             if req.method() != Method::GET {
@@ -1030,6 +1042,35 @@ fn batch_open_response(
     Ok(secret_body(&Results { results }))
 }
 
+/// Feeds arbitrary bytes to every request-body parser the API has, for the fuzz target: none
+/// may panic, and no error message may quote the input's values.
+#[doc(hidden)]
+pub fn fuzz_request_bodies(data: &[u8]) {
+    fn check<T: for<'de> Deserialize<'de>>(data: &[u8]) {
+        if let Err(e) = parse_json::<T>(data) {
+            let (_, code) = e.status_and_code();
+            assert_eq!(code, "invalid_request");
+        }
+    }
+    check::<SealItem>(data);
+    check::<OpenItem>(data);
+    check::<Batch<SealItem>>(data);
+    check::<Batch<OpenItem>>(data);
+    check::<DatakeyRequest>(data);
+    check::<DatakeyUnwrapRequest>(data);
+    check::<RetireRequest>(data);
+    check::<ShredRequest>(data);
+    check::<TokenizeBody>(data);
+    check::<Batch<TokenizeBody>>(data);
+    check::<RevealBody>(data);
+    if let Ok(b) = parse_json::<TokenizeBody>(data) {
+        let _ = tokenize_item(b);
+    }
+    if let Ok(item) = parse_json::<SealItem>(data) {
+        let _ = decode("plaintext", item.plaintext.expose_secret().as_bytes());
+    }
+}
+
 fn tokenize_item(b: TokenizeBody) -> Result<crate::vault::TokenizeItem, ApiError> {
     use crate::vault::format::Format;
     let keep_domain = match b.email_domain.as_deref() {
@@ -1273,6 +1314,23 @@ mod tests {
                 .replace("{token}", "tok_x");
             assert!(route(&path).is_some(), "{template}");
         }
+    }
+
+    /// Every route of the router is in the OpenAPI document, and nothing else is.
+    #[test]
+    fn openapi_document_lists_exactly_the_router_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let routed: std::collections::BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(documented, routed);
     }
 
     #[test]
