@@ -6,7 +6,7 @@ mod rewrap;
 mod ring;
 
 pub use rewrap::{RewrapPlan, RewrapSummary, rewrap_roots};
-pub use ring::{IssuedDataKey, Keyring, KeyringOptions, TenantKeys};
+pub use ring::{IssuedDataKey, Keyring, KeyringOptions, RootMove, TenantKeys};
 
 use std::fmt;
 use std::str::FromStr;
@@ -93,6 +93,9 @@ pub struct TenantRecord {
     /// Unix seconds at which the tenant was shredded; a shredded tenant is a tombstone that
     /// auto-creation never brings back.
     pub destroyed_at: Option<i64>,
+    /// The tenant's own root (a customer-managed key, BYOK): its new versions are wrapped under
+    /// this root alone. `None`: under every configured root.
+    pub root: Option<RootId>,
 }
 
 /// What a key-ring mutation did, as recorded for other sidecars sharing the store.
@@ -102,6 +105,8 @@ pub enum KeyEventKind {
     Retired,
     Shredded,
     Rewrapped,
+    /// The tenant was bound to another root.
+    RootChanged,
 }
 
 impl KeyEventKind {
@@ -111,6 +116,7 @@ impl KeyEventKind {
             KeyEventKind::Retired => "retired",
             KeyEventKind::Shredded => "shredded",
             KeyEventKind::Rewrapped => "rewrapped",
+            KeyEventKind::RootChanged => "root-changed",
         }
     }
 }
@@ -247,6 +253,13 @@ pub trait KeyringStore: Send + Sync + 'static {
         wrapping: &Wrapping,
         drop_root: Option<&RootId>,
     ) -> Result<bool, StoreError>;
+
+    /// Binds a live tenant to its own root (BYOK), recording the change in the feed.
+    async fn set_tenant_root(
+        &self,
+        tenant: &TenantId,
+        root: &RootId,
+    ) -> Result<TenantRecord, StoreError>;
 
     /// Change-feed entries after `seq`, oldest first.
     async fn events_since(&self, seq: i64) -> Result<Vec<KeyEvent>, StoreError>;
