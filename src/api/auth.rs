@@ -27,10 +27,12 @@ pub enum Operation {
     AdminRetire,
     /// Request and approve destruction of key material (two distinct principals needed).
     AdminShred,
+    /// Bind a tenant to its own root (a customer-managed key) and move its keys there.
+    AdminRoot,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Seal,
         Operation::Open,
         Operation::Datakey,
@@ -40,6 +42,7 @@ impl Operation {
         Operation::AdminRotate,
         Operation::AdminRetire,
         Operation::AdminShred,
+        Operation::AdminRoot,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -53,6 +56,7 @@ impl Operation {
             Operation::AdminRotate => "admin.rotate",
             Operation::AdminRetire => "admin.retire",
             Operation::AdminShred => "admin.shred",
+            Operation::AdminRoot => "admin.root",
         }
     }
 }

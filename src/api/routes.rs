@@ -46,6 +46,7 @@ pub enum Action {
     Rotate,
     Retire,
     Shred,
+    SetRoot,
 }
 
 impl Action {
@@ -60,6 +61,7 @@ impl Action {
             Action::Rotate => Operation::AdminRotate,
             Action::Retire => Operation::AdminRetire,
             Action::Shred => Operation::AdminShred,
+            Action::SetRoot => Operation::AdminRoot,
         }
     }
 
@@ -79,7 +81,10 @@ impl Action {
     }
 
     fn is_admin(self) -> bool {
-        matches!(self, Action::Rotate | Action::Retire | Action::Shred)
+        matches!(
+            self,
+            Action::Rotate | Action::Retire | Action::Shred | Action::SetRoot
+        )
     }
 }
 
@@ -87,6 +92,7 @@ impl Action {
 pub enum Route<'a> {
     Healthz,
     Readyz,
+    Metrics,
     Tenants,
     Approvals,
     Approve { id: &'a str },
@@ -97,6 +103,7 @@ pub enum Route<'a> {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/metrics"),
     ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants/{tenant}/seal"),
     ("POST", "/v1/tenants/{tenant}/open"),
@@ -110,6 +117,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tenants/{tenant}/keys:rotate"),
     ("POST", "/v1/tenants/{tenant}/keys:retire"),
     ("POST", "/v1/tenants/{tenant}:shred"),
+    ("POST", "/v1/tenants/{tenant}/root"),
     ("GET", "/v1/approvals"),
     ("POST", "/v1/approvals/{id}:approve"),
 ];
@@ -118,6 +126,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     match path {
         "/healthz" => return Some(Route::Healthz),
         "/readyz" => return Some(Route::Readyz),
+        "/metrics" => return Some(Route::Metrics),
         "/v1/tenants" => return Some(Route::Tenants),
         "/v1/approvals" => return Some(Route::Approvals),
         _ => {}
@@ -147,6 +156,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "keys" => Action::Keys,
         "keys:rotate" => Action::Rotate,
         "keys:retire" => Action::Retire,
+        "root" => Action::SetRoot,
         _ => return None,
     };
     Some(Route::Tenant { tenant, action })
@@ -203,6 +213,23 @@ struct ShredRequest {
     /// Shred one (non-active) version instead of the whole tenant.
     #[serde(default)]
     version: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRootRequest {
+    /// The customer-managed key: ARN, alias or key id.
+    aws_kms_key: String,
+}
+
+#[derive(Serialize)]
+struct RootMoveView {
+    #[serde(flatten)]
+    tenant: TenantView,
+    /// Live versions, all now wrapped under the tenant's root alone.
+    versions: u64,
+    /// Versions rewrapped by this request.
+    rewrapped: u64,
 }
 
 #[derive(Serialize)]
@@ -263,6 +290,9 @@ struct TenantView {
     min_decrypt_version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     destroyed_at: Option<i64>,
+    /// The tenant's own root (BYOK), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -318,6 +348,7 @@ impl From<&crate::keyring::TenantRecord> for TenantView {
             created_at: t.created_at,
             min_decrypt_version: t.min_decrypt_version,
             destroyed_at: t.destroyed_at,
+            root: t.root.as_ref().map(|r| r.to_string()),
         }
     }
 }
@@ -453,6 +484,18 @@ async fn dispatch(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = route(req.uri().path()).ok_or(ApiError::NotFound)?;
     let (tenant_raw, action) = match route {
+        Route::Metrics => {
+            // Unauthenticated like /healthz: counts and root ids only, no tenants, no keys.
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(state.keyring.metrics().encode())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            return Ok(resp);
+        }
         Route::Healthz | Route::Readyz => {
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
@@ -734,6 +777,19 @@ async fn dispatch(
             trail.key_version = Some(record.min_decrypt_version);
             Ok(json_ok(&TenantView::from(&record)))
         }
+        Action::SetRoot => {
+            let req: SetRootRequest = parse_json(&body)?;
+            let root = crate::providers::aws_kms_root_id(&req.aws_kms_key)
+                .map_err(|m| ApiError::InvalidRequest(format!("aws_kms_key: {m}")))?;
+            gate(state, peer, request_id, trail, format!("set root {root}")).await?;
+            let moved = kr.set_root(&tenant, &root).await?;
+            trail.count = Some(moved.rewrapped);
+            Ok(json_ok(&RootMoveView {
+                tenant: TenantView::from(&moved.tenant),
+                versions: moved.versions,
+                rewrapped: moved.rewrapped,
+            }))
+        }
         Action::Shred => {
             let req: ShredRequest = if empty_body {
                 ShredRequest::default()
@@ -998,6 +1054,14 @@ mod tests {
     #[test]
     fn routes_parse_every_template() {
         assert_eq!(route("/healthz"), Some(Route::Healthz));
+        assert_eq!(route("/metrics"), Some(Route::Metrics));
+        assert_eq!(
+            route("/v1/tenants/acme/root"),
+            Some(Route::Tenant {
+                tenant: "acme",
+                action: Action::SetRoot
+            })
+        );
         assert_eq!(
             route("/v1/tenants/acme/seal:batch"),
             Some(Route::Tenant {
