@@ -489,10 +489,7 @@ impl Keyring {
         root: &RootId,
     ) -> Result<RootMove, KeyringError> {
         let store = &self.inner.store;
-        let target = self.root_by_id(root).map_err(|e| match e {
-            ProviderError::Setup(m) => KeyringError::Refused(m),
-            other => other.into(),
-        })?;
+        let target = self.tenant_root(root)?;
         // A key we cannot use is refused before anything changes.
         target.health().await?;
         let existing = match store.tenant(tenant).await? {
@@ -764,9 +761,17 @@ impl Keyring {
         tenant: &TenantRecord,
     ) -> Result<Vec<Arc<dyn RootProvider>>, KeyringError> {
         match &tenant.root {
-            Some(id) => Ok(vec![self.root_by_id(id)?]),
+            Some(id) => Ok(vec![self.tenant_root(id)?]),
             None => Ok(self.inner.roots.clone()),
         }
+    }
+
+    /// A tenant's own root; one this sidecar cannot make is a refusal (409), not a bug.
+    fn tenant_root(&self, id: &RootId) -> Result<Arc<dyn RootProvider>, KeyringError> {
+        self.root_by_id(id).map_err(|e| match e {
+            ProviderError::Setup(m) => KeyringError::Refused(m),
+            other => other.into(),
+        })
     }
 
     /// A configured root by id, or one made by the factory (counted like the configured ones).
@@ -918,3 +923,7 @@ pub(crate) fn unix_now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+#[path = "ring_tests.rs"]
+mod tests;

@@ -153,3 +153,35 @@ pub trait RootProvider: Send + Sync + 'static {
     /// Whether the root can serve now.
     async fn health(&self) -> Result<(), ProviderError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_kms_root_ids_accept_arns_aliases_and_key_ids_only() {
+        for key in [
+            "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws-us-gov:kms:us-gov-west-1:123456789012:alias/tenant-a",
+            "alias/tenant-a",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+        ] {
+            assert_eq!(
+                aws_kms_root_id(key).unwrap().as_str(),
+                format!("aws-kms:{key}")
+            );
+        }
+        for bad in [
+            "",
+            "alias/",
+            "not a key",
+            "arn:aws:s3:::bucket",
+            "arn:aws:kms:us-east-1:123456789012:other/x",
+            "key\nid",
+            "alias/x\"y",
+        ] {
+            assert!(aws_kms_root_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}
