@@ -417,6 +417,25 @@ async fn kms_outage_spares_cached_tenants_and_fails_the_rest_within_the_timeout(
     opens_to(&s1, "uncached", &ct_uncached, b"u").await;
     let ct = seal(&s1, &unique("after"), b"recovered").await;
     assert!(!ct.is_empty());
+
+    // The endpoint goes away entirely (connections refused, pooled ones closed) and returns.
+    let ct_uncached2 = seal(&direct, "uncached-2", b"u2").await;
+    proxy.kill();
+    for (t, ct) in &cached {
+        assert_eq!(
+            open(&s1, t, ct).await.status,
+            200,
+            "cached {t} while KMS is down"
+        );
+        assert_eq!(seal_reply(&s1, t, b"down").await.status, 200);
+    }
+    let t = Instant::now();
+    let r = open(&s1, "uncached-2", &ct_uncached2).await;
+    assert_eq!(r.code(), "root_key_unavailable");
+    assert!(t.elapsed() < bound, "{:?}", t.elapsed());
+    eprintln!("endpoint down: uncached open 503 after {:?}", t.elapsed());
+    proxy.restart().await;
+    opens_to(&s1, "uncached-2", &ct_uncached2, b"u2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

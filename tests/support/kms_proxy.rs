@@ -1,8 +1,10 @@
 //! A fault-injecting HTTP proxy between a sidecar and moto's KMS, on loopback only. It forwards
 //! every request unchanged until told otherwise; then it answers with KMS's real error shapes
 //! (`{"__type": ..., "message": ...}` and the status KMS uses), stalls, or drops connections.
-//! It counts the KMS operations (`X-Amz-Target`) that reach it. moto 5.2.5 ignores key state and
-//! key policies in `Decrypt`, so revocation and outages are simulated here.
+//! It can also be killed (its port refuses connections) and restarted on the same port, which is
+//! what a KMS endpoint going down and coming back looks like to the sidecar. It counts the KMS
+//! operations (`X-Amz-Target`) that reach it. moto 5.2.5 ignores key state and key policies in
+//! `Decrypt`, and loses its keys when it restarts, so revocation and outages are simulated here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,14 +39,16 @@ impl Fault {
 
 pub struct KmsProxy {
     addr: std::net::SocketAddr,
+    upstream: String,
     fault: Arc<Mutex<Fault>>,
     calls: Arc<Mutex<HashMap<String, u64>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// The accept loop and every connection task, so that `kill` can end them all.
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for KmsProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -57,11 +61,25 @@ impl KmsProxy {
             .trim_end_matches('/')
             .to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fault = Arc::new(Mutex::new(Fault::None));
-        let calls = Arc::new(Mutex::new(HashMap::new()));
-        let (f, c) = (fault.clone(), calls.clone());
-        let task = tokio::spawn(async move {
+        let proxy = KmsProxy {
+            addr: listener.local_addr().unwrap(),
+            upstream,
+            fault: Arc::new(Mutex::new(Fault::None)),
+            calls: Arc::new(Mutex::new(HashMap::new())),
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (f, c, tasks, upstream) = (
+            self.fault.clone(),
+            self.calls.clone(),
+            self.tasks.clone(),
+            self.upstream.clone(),
+        );
+        let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -71,7 +89,7 @@ impl KmsProxy {
                     continue;
                 }
                 let (f, c, upstream) = (f.clone(), c.clone(), upstream.clone());
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let (f, c, upstream) = (f.clone(), c.clone(), upstream.clone());
                         async move { handle(req, &f, &c, &upstream).await }
@@ -80,14 +98,24 @@ impl KmsProxy {
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
+                tasks.lock().unwrap().push(conn.abort_handle());
             }
         });
-        KmsProxy {
-            addr,
-            fault,
-            calls,
-            task,
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Like a killed server: the port stops listening (connects are refused) and every open
+    /// connection is closed.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
         }
+    }
+
+    /// Like a restarted server: listens again on the same port.
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
     }
 
     pub fn url(&self) -> String {
