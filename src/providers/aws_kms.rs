@@ -172,6 +172,49 @@ async fn build_client(s: &AwsSettings) -> Result<Client, ProviderError> {
     Ok(Client::new(&sdk))
 }
 
+/// How a KMS call failed, as far as the mapping to `ProviderError` cares.
+#[derive(Debug)]
+enum Failure<'a> {
+    /// KMS answered with an error (`__type` code and HTTP status).
+    Service { code: &'a str, status: Option<u16> },
+    /// An attempt or the whole call ran past its timeout.
+    Timeout,
+    /// Connect, I/O, protocol or credential-resolution failure.
+    Transport(String),
+}
+
+/// Refusals are `AccessDenied`, foreign blobs `UnwrapFailed`, everything else (throttling and
+/// 5xx after the retries, timeouts, transport) `Unavailable`.
+fn classify(root: &RootId, op: &'static str, failure: Failure<'_>) -> ProviderError {
+    let root = root.to_string();
+    match failure {
+        Failure::Service { code, .. } if DENIED.contains(&code) => {
+            tracing::warn!(%root, op, code, "KMS refused the root key");
+            ProviderError::AccessDenied { root }
+        }
+        Failure::Service { code, .. } if NOT_OURS.contains(&code) => {
+            tracing::warn!(%root, op, code, "KMS could not decrypt the wrapped key");
+            ProviderError::UnwrapFailed { root }
+        }
+        Failure::Service { code, status } => ProviderError::Unavailable {
+            root,
+            reason: format!(
+                "{op}: {} (HTTP {})",
+                if code.is_empty() { "error" } else { code },
+                status.map_or_else(|| "?".into(), |s| s.to_string())
+            ),
+        },
+        Failure::Timeout => ProviderError::Unavailable {
+            root,
+            reason: format!("{op}: timed out"),
+        },
+        Failure::Transport(detail) => ProviderError::Unavailable {
+            root,
+            reason: format!("{op}: {detail}"),
+        },
+    }
+}
+
 /// A root key in AWS KMS: `aws-kms:<key as configured>`.
 pub struct AwsKmsRoot {
     id: RootId,
@@ -203,36 +246,15 @@ impl AwsKmsRoot {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        let root = self.id.to_string();
-        let status = e.raw_response().map(|r| r.status().as_u16());
-        let code = e.code().unwrap_or("").to_owned();
-        let detail = DisplayErrorContext(&e).to_string();
-        match &e {
-            SdkError::ServiceError(_) if DENIED.contains(&code.as_str()) => {
-                tracing::warn!(%root, op, %code, "KMS refused the root key");
-                ProviderError::AccessDenied { root }
-            }
-            SdkError::ServiceError(_) if NOT_OURS.contains(&code.as_str()) => {
-                tracing::warn!(%root, op, %code, "KMS could not decrypt the wrapped key");
-                ProviderError::UnwrapFailed { root }
-            }
-            SdkError::ServiceError(_) => ProviderError::Unavailable {
-                root,
-                reason: format!(
-                    "{op}: {} (HTTP {})",
-                    if code.is_empty() { "error" } else { &code },
-                    status.map_or_else(|| "?".into(), |s| s.to_string())
-                ),
+        let failure = match &e {
+            SdkError::ServiceError(_) => Failure::Service {
+                code: e.code().unwrap_or(""),
+                status: e.raw_response().map(|r| r.status().as_u16()),
             },
-            SdkError::TimeoutError(_) => ProviderError::Unavailable {
-                root,
-                reason: format!("{op}: timed out"),
-            },
-            _ => ProviderError::Unavailable {
-                root,
-                reason: format!("{op}: {detail}"),
-            },
-        }
+            SdkError::TimeoutError(_) => Failure::Timeout,
+            _ => Failure::Transport(DisplayErrorContext(&e).to_string()),
+        };
+        classify(&self.id, op, failure)
     }
 
     fn missing(&self, what: &str) -> ProviderError {
@@ -326,5 +348,70 @@ impl RootProvider for AwsKmsRoot {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(code: &str, status: u16) -> &'static str {
+        let root = RootId::new("aws-kms:alias/t");
+        let failure = Failure::Service {
+            code,
+            status: Some(status),
+        };
+        crate::providers::metered::error_kind(&classify(&root, "Decrypt", failure))
+    }
+
+    #[test]
+    fn kms_errors_map_to_denied_unwrap_failed_or_unavailable() {
+        for code in [
+            "DisabledException",
+            "AccessDeniedException",
+            "KMSInvalidStateException",
+            "NotFoundException",
+            "UnrecognizedClientException",
+        ] {
+            assert_eq!(kind(code, 400), "access_denied", "{code}");
+        }
+        for code in ["InvalidCiphertextException", "IncorrectKeyException"] {
+            assert_eq!(kind(code, 400), "unwrap_failed", "{code}");
+        }
+        for (code, status) in [
+            ("ThrottlingException", 400),
+            ("KMSInternalException", 500),
+            ("DependencyTimeoutException", 503),
+            ("", 502),
+        ] {
+            assert_eq!(kind(code, status), "unavailable", "{code}");
+        }
+        let root = RootId::new("aws-kms:alias/t");
+        let e = classify(&root, "Decrypt", Failure::Timeout);
+        assert_eq!(
+            e.to_string(),
+            "root key aws-kms:alias/t unavailable: Decrypt: timed out"
+        );
+        let e = classify(
+            &root,
+            "Encrypt",
+            Failure::Transport("connection refused".into()),
+        );
+        assert!(matches!(e, ProviderError::Unavailable { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn encryption_context_names_tenant_version_and_purpose() {
+        let t = crate::tenant::TenantId::parse("acme").unwrap();
+        let ctx = WrapContext {
+            tenant: &t,
+            key_version: 7,
+            purpose: WrapPurpose::TenantDek,
+        };
+        let c = AwsKmsRoot::context(&ctx);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c["tenant"], "acme");
+        assert_eq!(c["key_version"], "7");
+        assert_eq!(c["purpose"], "tenant-dek");
     }
 }
