@@ -286,12 +286,14 @@ fn run(cli: Cli) -> Result<(), StartError> {
                     .await
                     .map_err(|e| StartError::Runtime(e.to_string()))?;
                 println!(
-                    "{:<40} {:>14} {:>12}",
+                    "{:<40} {:>14} {:>12}  ROOT",
                     "TENANT", "ACTIVE_VERSION", "CREATED_AT"
                 );
                 for t in tenants {
+                    // Tenants without their own root use the configured [[roots]].
+                    let root = t.root.as_ref().map_or("-", |r| r.as_str());
                     println!(
-                        "{:<40} {:>14} {:>12}",
+                        "{:<40} {:>14} {:>12}  {root}",
                         t.tenant, t.active_version, t.created_at
                     );
                 }

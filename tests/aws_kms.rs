@@ -618,6 +618,22 @@ async fn cli_tenants_set_root_binds_a_tenant_through_the_running_sidecar() {
     );
     assert!(stdout.contains("1 rewrapped now"), "{stdout}");
     let root = format!("aws-kms:alias/{alias}");
+    let cfg = sc.config_path();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "tenants", "list"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("cli-tenant ") && l.ends_with(&root)),
+        "{listing}"
+    );
     assert_eq!(stored_roots(&sc, "cli-tenant").await, vec![vec![root]]);
     opens_to(&sc, "cli-tenant", &ct, b"before").await;
 
