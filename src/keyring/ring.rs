@@ -94,6 +94,9 @@ struct Inner {
     stale: Option<Cache<(TenantId, u32), StaleKey>>,
     tenants: Cache<TenantId, Arc<TenantRecord>>,
     metrics: Arc<Metrics>,
+    /// Serialises moves between roots in this process, so two concurrent set-root calls do not
+    /// interleave their drops (sidecars sharing a store can still race; rerunning settles it).
+    moves: tokio::sync::Mutex<()>,
 }
 
 /// A key of the stale side cache and the root that last unwrapped it.
@@ -155,6 +158,7 @@ impl Keyring {
                 stale,
                 tenants,
                 metrics,
+                moves: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -488,6 +492,7 @@ impl Keyring {
         tenant: &TenantId,
         root: &RootId,
     ) -> Result<RootMove, KeyringError> {
+        let _one_move_at_a_time = self.inner.moves.lock().await;
         let store = &self.inner.store;
         let target = self.tenant_root(root)?;
         // A key we cannot use is refused before anything changes.
