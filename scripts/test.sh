@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Every check of the project, from a fresh Debian machine with Rust stable:
-# format, lints, all Rust tests (unit, property, integration against a real sidecar), the
-# independent Python check of the published envelope vectors, and the examples against a live
-# `serve --dev`. The PKCS#11 tests run against a real SoftHSM 2 token. Installs what it needs when
-# missing (SoftHSM and OpenSC through apt-get). Prints a closing "tests: N passed, M failed".
+# format, lints, all Rust tests (unit, property, integration against a real sidecar, against
+# moto's KMS server and against a real SoftHSM 2 token), the independent Python check of the
+# published envelope vectors, the examples and schemathesis against a live `serve --dev`, and a
+# fuzz smoke run. Installs what it needs when missing (SoftHSM and OpenSC through apt-get, moto
+# and schemathesis from PyPI, cargo-fuzz). Prints a closing "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 log=$(mktemp -d)
-trap 'rm -rf "$log"' EXIT
+moto_pid=
+cleanup() {
+  if [ -n "$moto_pid" ]; then
+    kill "$moto_pid" 2>/dev/null || true
+    wait "$moto_pid" 2>/dev/null || true
+  fi
+  rm -rf "$log"
+}
+trap cleanup EXIT
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -44,6 +53,47 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+
+# moto's KMS server for tests/aws_kms.rs, in a venv under target/ (moto 5.2.5), on a free loopback
+# port; stopped by the EXIT trap. Under CI=true a failure here fails the run (and the tests fail
+# without TEST_MOTO_KMS_URL); elsewhere the AWS tests are skipped with a message.
+step "moto KMS server"
+moto_version=5.2.5
+venv="$root/target/peers/venv"
+start_moto() {
+  if [ "$("$venv/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" != "$moto_version" ]; then
+    echo "installing moto[server]==$moto_version into $venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      fi
+      python3 -m venv "$venv" || return 1
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$moto_version" || return 1
+  fi
+  local port
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$log/moto.log" 2>&1 &
+  moto_pid=$!
+  for _ in $(seq 1 240); do
+    if curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/moto-api/" 2>/dev/null; then
+      export TEST_MOTO_KMS_URL="http://127.0.0.1:$port"
+      echo "moto $moto_version on $TEST_MOTO_KMS_URL (pid $moto_pid)"
+      return 0
+    fi
+    kill -0 "$moto_pid" 2>/dev/null || break
+    sleep 0.25
+  done
+  tail -n 20 "$log/moto.log" >&2 || true
+  return 1
+}
+if ! start_moto; then
+  if [ "${CI:-}" = true ]; then
+    echo "moto could not be started; the AWS KMS tests cannot run" >&2
+    exit 1
+  fi
+  echo "WARNING: moto could not be started; tests/aws_kms.rs will skip" >&2
+fi
 
 step "cargo test (unit, property, integration, benches in test mode)"
 cargo test --locked --all-targets 2>&1 | tee "$log/cargo-test.txt"

@@ -54,6 +54,10 @@ pub struct Config {
     pub vault: VaultConfig,
     #[serde(default)]
     pub memory: MemoryConfig,
+    /// The AWS connection used by `aws-kms` roots and by customer-managed keys bound to
+    /// tenants (BYOK). Absent: no AWS root can be used.
+    #[serde(default)]
+    pub aws: Option<AwsConfig>,
     /// Passphrases of sealed keyfile roots, read from the variables they name at load time.
     #[serde(skip)]
     pub passphrases: std::collections::BTreeMap<String, std::sync::Arc<secrecy::SecretString>>,
@@ -124,6 +128,10 @@ pub struct CacheConfig {
     /// Bound on how long an unwrapped key is used before its root is asked again.
     #[serde(default = "default_cache_ttl")]
     pub ttl_seconds: u64,
+    /// How long past the TTL a cached key may still be used while its roots are unreachable
+    /// (never when a root refuses); 0 = off.
+    #[serde(default)]
+    pub stale_if_error_seconds: u64,
 }
 
 impl Default for CacheConfig {
@@ -131,7 +139,87 @@ impl Default for CacheConfig {
         CacheConfig {
             max_entries: default_cache_entries(),
             ttl_seconds: default_cache_ttl(),
+            stale_if_error_seconds: 0,
         }
+    }
+}
+
+/// How to reach AWS KMS. Unset region and credentials come from the standard AWS chain
+/// (environment, shared profile, web identity, ECS, instance metadata).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub region: Option<String>,
+    /// Endpoint override: moto, LocalStack, a VPC endpoint.
+    pub endpoint_url: Option<String>,
+    /// Static credentials (emulators, tests); both or neither with `secret_access_key`.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<secrecy::SecretString>,
+    pub session_token: Option<secrecy::SecretString>,
+    #[serde(default = "default_aws_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Bound on one HTTP attempt.
+    #[serde(default = "default_aws_attempt_timeout")]
+    pub attempt_timeout_ms: u64,
+    /// Bound on a whole call, retries and backoff included.
+    #[serde(default = "default_aws_operation_timeout")]
+    pub operation_timeout_ms: u64,
+    /// Attempts per call, the first included.
+    #[serde(default = "default_aws_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_aws_initial_backoff")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_aws_max_backoff")]
+    pub max_backoff_ms: u64,
+}
+
+impl AwsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |k: &str, m: &str| Err(ConfigError(format!("aws.{k}: {m}")));
+        if let Some(r) = &self.region
+            && (r.is_empty()
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            return bad("region", "must look like us-east-1");
+        }
+        if let Some(u) = &self.endpoint_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return bad("endpoint_url", "must be an http:// or https:// URL");
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return bad(
+                "access_key_id",
+                "set both access_key_id and secret_access_key, or neither (standard chain)",
+            );
+        }
+        if self.session_token.is_some() && self.access_key_id.is_none() {
+            return bad("session_token", "needs access_key_id and secret_access_key");
+        }
+        if !(1..=60_000).contains(&self.connect_timeout_ms) {
+            return bad("connect_timeout_ms", "must be between 1 and 60000");
+        }
+        if !(1..=60_000).contains(&self.attempt_timeout_ms) {
+            return bad("attempt_timeout_ms", "must be between 1 and 60000");
+        }
+        if !(self.attempt_timeout_ms..=300_000).contains(&self.operation_timeout_ms) {
+            return bad(
+                "operation_timeout_ms",
+                "must be at least attempt_timeout_ms and at most 300000",
+            );
+        }
+        if !(1..=10).contains(&self.max_attempts) {
+            return bad("max_attempts", "must be between 1 and 10");
+        }
+        if self.initial_backoff_ms > self.max_backoff_ms || self.max_backoff_ms > 60_000 {
+            return bad(
+                "max_backoff_ms",
+                "must be at least initial_backoff_ms and at most 60000",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -264,6 +352,11 @@ pub enum RootConfig {
     },
     /// A key in a PKCS#11 token (HSM); see hsm/README.md.
     Pkcs11(crate::providers::pkcs11::Pkcs11Config),
+    /// A key in AWS KMS, reached through the `[aws]` connection.
+    AwsKms {
+        /// Key ARN, key id, or alias (`alias/NAME` or its ARN).
+        key_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +423,24 @@ fn default_approval_window() -> u64 {
 }
 fn default_rotation_check() -> u64 {
     60
+}
+fn default_aws_connect_timeout() -> u64 {
+    1000
+}
+fn default_aws_attempt_timeout() -> u64 {
+    2000
+}
+fn default_aws_operation_timeout() -> u64 {
+    5000
+}
+fn default_aws_max_attempts() -> u32 {
+    3
+}
+fn default_aws_initial_backoff() -> u64 {
+    100
+}
+fn default_aws_max_backoff() -> u64 {
+    1000
 }
 
 /// A configuration error; the message names the key.
@@ -456,6 +567,25 @@ impl Config {
             return Err(ConfigError(format!(
                 "cache.ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
             )));
+        }
+        if self.cache.stale_if_error_seconds > MAX_TTL_SECONDS {
+            return Err(ConfigError(format!(
+                "cache.stale_if_error_seconds must be at most {MAX_TTL_SECONDS}"
+            )));
+        }
+        if let Some(aws) = &self.aws {
+            aws.validate()?;
+        }
+        for (i, root) in self.roots.iter().enumerate() {
+            if let RootConfig::AwsKms { key_id } = root {
+                crate::providers::aws_kms_root_id(key_id)
+                    .map_err(|m| ConfigError(format!("roots[{i}].key_id: {m}")))?;
+                if self.aws.is_none() {
+                    return Err(ConfigError(format!(
+                        "roots[{i}]: kind = \"aws-kms\" needs an [aws] section (it may be empty)"
+                    )));
+                }
+            }
         }
         if !(1..=3600).contains(&self.limits.header_read_timeout_seconds) {
             return Err(ConfigError(
@@ -604,6 +734,7 @@ impl Config {
             auto_create_tenants: self.auto_create_tenants,
             cache_max_entries: self.cache.max_entries,
             cache_ttl: Duration::from_secs(self.cache.ttl_seconds),
+            stale_if_error: Duration::from_secs(self.cache.stale_if_error_seconds),
         }
     }
 
@@ -787,6 +918,45 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("principals[0].token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn aws_roots_need_a_connection_and_a_key_shape() {
+        let c = load(
+            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:4566\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n[[roots]]\nkind = \"aws-kms\"\nkey_id = \"alias/sidecar\"\n",
+            &[],
+        )
+        .unwrap();
+        let aws = c.aws.as_ref().unwrap();
+        assert_eq!(aws.max_attempts, 3);
+        assert_eq!(aws.operation_timeout_ms, 5000);
+        assert!(
+            matches!(&c.roots()[0], RootConfig::AwsKms { key_id } if key_id == "alias/sidecar")
+        );
+        let e = load("[[roots]]\nkind = \"aws-kms\"\nkey_id = \"alias/x\"\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("roots[0]") && e.contains("[aws]"), "{e}");
+        let e = load(
+            "[aws]\n[[roots]]\nkind = \"aws-kms\"\nkey_id = \"not a key\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("roots[0].key_id"), "{e}");
+        let e = load("[aws]\naccess_key_id = \"x\"\n", &[]).unwrap_err().0;
+        assert!(e.contains("aws.access_key_id"), "{e}");
+        let e = load(
+            "[aws]\nattempt_timeout_ms = 5000\noperation_timeout_ms = 1000\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("aws.operation_timeout_ms"), "{e}");
+        let e = load("[aws]\nmax_attempts = 0\n", &[]).unwrap_err().0;
+        assert!(e.contains("aws.max_attempts"), "{e}");
+        let c = load("", &[("KMS_SIDECAR_AWS__REGION", "eu-west-1")]).unwrap();
+        assert_eq!(c.aws.unwrap().region.as_deref(), Some("eu-west-1"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! kms-sidecar: a localhost envelope-encryption sidecar. Layers point one way:
-//! `crypto` ← `providers` ← `keyring` ← `vault` ← `store` ← `api` ← `main`.
+//! `crypto` ← `providers` ← `keyring` ← `vault` ← `store` ← `api` ← `main`; `metrics` is a leaf
+//! every layer may count into.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -7,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod keyring;
+pub mod metrics;
 pub mod os;
 pub mod providers;
 pub mod server;

@@ -165,6 +165,16 @@ enum TokenCommand {
 enum TenantsCommand {
     /// List tenants with their active key version.
     List,
+    /// Bind a tenant to its own AWS KMS key (BYOK) and rewrap its existing key versions under
+    /// it alone, through the running sidecar. Creates the tenant if it does not exist.
+    SetRoot {
+        tenant: String,
+        /// Key ARN, alias (alias/NAME) or key id of the customer-managed key.
+        #[arg(long)]
+        aws_kms_key: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Subcommand)]
@@ -341,15 +351,45 @@ fn run(cli: Cli) -> Result<(), StartError> {
                     .await
                     .map_err(|e| StartError::Runtime(e.to_string()))?;
                 println!(
-                    "{:<40} {:>14} {:>12}",
+                    "{:<40} {:>14} {:>12}  ROOT",
                     "TENANT", "ACTIVE_VERSION", "CREATED_AT"
                 );
                 for t in tenants {
+                    // Tenants without their own root use the configured [[roots]].
+                    let root = t.root.as_ref().map_or("-", |r| r.as_str());
                     println!(
-                        "{:<40} {:>14} {:>12}",
+                        "{:<40} {:>14} {:>12}  {root}",
                         t.tenant, t.active_version, t.created_at
                     );
                 }
+                Ok(())
+            })
+        }
+        Command::Tenants {
+            command:
+                TenantsCommand::SetRoot {
+                    tenant,
+                    aws_kms_key,
+                    remote,
+                },
+        } => {
+            let config = load_config(&cli)?;
+            runtime()?.block_on(async {
+                let body = serde_json::json!({ "aws_kms_key": aws_kms_key }).to_string();
+                let v = admin_call(
+                    &config,
+                    remote,
+                    "POST",
+                    &format!("/v1/tenants/{tenant}/root"),
+                    Some(&body),
+                )
+                .await?;
+                println!(
+                    "{tenant}: root {}; {} live versions under it alone, {} rewrapped now",
+                    v["root"].as_str().unwrap_or("?"),
+                    v["versions"],
+                    v["rewrapped"]
+                );
                 Ok(())
             })
         }
@@ -890,11 +930,12 @@ async fn roots_rewrap(config: &Config, to: &str, from: Option<&str>) -> Result<(
     .map_err(|e| StartError::Runtime(e.to_string()))?;
     bar.finish_and_clear();
     println!(
-        "root rewrap {detail}: {} live versions, {} rewrapped now, {} already done, {} destroyed skipped, {} failed",
+        "root rewrap {detail}: {} live versions, {} rewrapped now, {} already done, {} destroyed skipped, {} under tenants' own roots skipped, {} failed",
         summary.versions,
         summary.rewrapped,
         summary.already_done,
         summary.destroyed,
+        summary.customer_managed,
         summary.failed
     );
     let outcome = if summary.failed == 0 { "ok" } else { "error" };

@@ -169,8 +169,66 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(err)
 }
 
+/// The AWS connection type; uninhabited in builds without the `aws` feature.
+#[cfg(feature = "aws")]
+pub type AwsConnection = crate::providers::aws_kms::AwsConnection;
+#[cfg(not(feature = "aws"))]
+pub type AwsConnection = std::convert::Infallible;
+
+/// The configured AWS connection (`[aws]`), shared by `aws-kms` roots and customer-managed keys.
+#[cfg(not(feature = "aws"))]
+pub fn aws_connection(_config: &Config) -> Option<AwsConnection> {
+    None
+}
+
+/// The configured AWS connection (`[aws]`), shared by `aws-kms` roots and customer-managed keys.
+#[cfg(feature = "aws")]
+pub fn aws_connection(config: &Config) -> Option<AwsConnection> {
+    use crate::providers::aws_kms::{AwsSettings, StaticCredentials};
+    let aws = config.aws.as_ref()?;
+    let ms = Duration::from_millis;
+    let credentials = match (&aws.access_key_id, &aws.secret_access_key) {
+        (Some(id), Some(secret)) => Some(StaticCredentials {
+            access_key_id: id.clone(),
+            secret_access_key: secret.clone(),
+            session_token: aws.session_token.clone(),
+        }),
+        _ => None,
+    };
+    Some(AwsConnection::new(AwsSettings {
+        region: aws.region.clone(),
+        endpoint_url: aws.endpoint_url.clone(),
+        credentials,
+        connect_timeout: ms(aws.connect_timeout_ms),
+        attempt_timeout: ms(aws.attempt_timeout_ms),
+        operation_timeout: ms(aws.operation_timeout_ms),
+        max_attempts: aws.max_attempts,
+        initial_backoff: ms(aws.initial_backoff_ms),
+        max_backoff: ms(aws.max_backoff_ms),
+    }))
+}
+
+/// What makes the roots tenants are bound to (BYOK): the AWS connection, if configured.
+#[cfg(feature = "aws")]
+fn root_factory(aws: Option<AwsConnection>) -> Option<Arc<dyn crate::providers::RootFactory>> {
+    aws.map(|c| Arc::new(c) as Arc<dyn crate::providers::RootFactory>)
+}
+
+#[cfg(not(feature = "aws"))]
+fn root_factory(_aws: Option<AwsConnection>) -> Option<Arc<dyn crate::providers::RootFactory>> {
+    None
+}
+
 /// Loads every configured root, in order.
 pub fn load_roots(config: &Config) -> Result<Vec<Arc<dyn RootProvider>>, StartError> {
+    load_roots_with(config, aws_connection(config).as_ref())
+}
+
+/// Loads every configured root, in order; `aws-kms` roots use `aws`.
+pub fn load_roots_with(
+    config: &Config,
+    aws: Option<&AwsConnection>,
+) -> Result<Vec<Arc<dyn RootProvider>>, StartError> {
     config
         .roots()
         .iter()
@@ -193,6 +251,22 @@ pub fn load_roots(config: &Config) -> Result<Vec<Arc<dyn RootProvider>>, StartEr
                 Pkcs11Root::connect(p, pin)
                     .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
                     .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
+            }
+            #[cfg(feature = "aws")]
+            RootConfig::AwsKms { key_id } => {
+                let conn = aws.ok_or_else(|| {
+                    StartError::Config(format!("roots[{i}]: kind = \"aws-kms\" needs [aws]"))
+                })?;
+                conn.root(key_id)
+                    .map(|r| Arc::new(r) as Arc<dyn RootProvider>)
+                    .map_err(|e| StartError::Config(format!("roots[{i}]: {e}")))
+            }
+            #[cfg(not(feature = "aws"))]
+            RootConfig::AwsKms { .. } => {
+                let _ = aws;
+                Err(StartError::Config(format!(
+                    "roots[{i}]: kind = \"aws-kms\" needs a build with the `aws` cargo feature"
+                )))
             }
         })
         .collect()
@@ -280,17 +354,30 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         .map_err(|e| StartError::Config(e.to_string()))?;
     // Roots first: a refused root must not leave a fresh data dir or store behind. Loading
     // blocks (Argon2id, PKCS#11 login and self-test), so it runs off the reactor.
+    let aws = aws_connection(config);
     let roots = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || load_roots(&config))
+        let (config, aws) = (config.clone(), aws.clone());
+        tokio::task::spawn_blocking(move || load_roots_with(&config, aws.as_ref()))
             .await
             .map_err(|e| StartError::Runtime(format!("loading the roots failed: {e}")))??
     };
+    #[cfg(feature = "aws")]
+    if let Some(aws) = &aws {
+        aws.check()
+            .await
+            .map_err(|e| StartError::Config(e.to_string()))?;
+    }
     let store = open_store(config)?;
     let vault_store: Arc<dyn crate::vault::VaultStore> = store.clone();
     let store: Arc<dyn KeyringStore> = store;
-    let keyring = Keyring::new(store, roots, config.keyring_options())
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let keyring = Keyring::with_parts(
+        store,
+        roots,
+        root_factory(aws),
+        config.keyring_options(),
+        Arc::new(crate::metrics::Metrics::default()),
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
     let audit = crate::audit::Audit::open(config.audit_options())
         .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
     let mut background = vec![keyring.follow_changes(Duration::from_millis(250))];

@@ -22,4 +22,8 @@ fn the_deploy_example_parses_and_validates() {
         }
     ));
     assert!(c.passphrase("KMS_ROOT_PASSPHRASE").is_some());
+    let aws = c.aws.as_ref().expect("[aws]");
+    assert_eq!(aws.region.as_deref(), Some("us-east-1"));
+    assert_eq!((aws.max_attempts, aws.operation_timeout_ms), (3, 5000));
+    assert_eq!(c.cache.stale_if_error_seconds, 0);
 }

@@ -500,7 +500,7 @@ fn serve_with_a_wrong_pin_exits_2_naming_the_token() {
     with_hsm(|h| async move {
         let dir = tempfile::tempdir().unwrap();
         let bad_pin = dir.path().join("bad.pin");
-        std::fs::write(&bad_pin, "0000\n").unwrap();
+        std::fs::write(&bad_pin, "wrong-pin-q7x3\n").unwrap();
         std::fs::set_permissions(
             &bad_pin,
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
@@ -530,7 +530,7 @@ fn serve_with_a_wrong_pin_exits_2_naming_the_token() {
             "{stderr}"
         );
         assert!(
-            !stderr.contains("0000"),
+            !stderr.contains("wrong-pin-q7x3"),
             "the PIN is never printed: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");

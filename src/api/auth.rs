@@ -33,10 +33,12 @@ pub enum Operation {
     /// Values of tokens masked to their last four characters only.
     RevealMasked,
     TokensDelete,
+    /// Bind a tenant to its own root (a customer-managed key) and move its keys there.
+    AdminRoot,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 14] = [
         Operation::Seal,
         Operation::Open,
         Operation::Datakey,
@@ -50,6 +52,7 @@ impl Operation {
         Operation::Reveal,
         Operation::RevealMasked,
         Operation::TokensDelete,
+        Operation::AdminRoot,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -67,6 +70,7 @@ impl Operation {
             Operation::Reveal => "reveal",
             Operation::RevealMasked => "reveal.masked",
             Operation::TokensDelete => "tokens.delete",
+            Operation::AdminRoot => "admin.root",
         }
     }
 }

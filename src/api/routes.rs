@@ -55,6 +55,7 @@ pub enum Action {
     TokenizeBatch,
     Reveal,
     DeleteToken,
+    SetRoot,
 }
 
 impl Action {
@@ -73,6 +74,7 @@ impl Action {
             // Refined after the body is read: `reveal.masked` suffices for masked reveals.
             Action::Reveal => Operation::Reveal,
             Action::DeleteToken => Operation::TokensDelete,
+            Action::SetRoot => Operation::AdminRoot,
         }
     }
 
@@ -95,7 +97,7 @@ impl Action {
     fn is_admin(self) -> bool {
         matches!(
             self,
-            Action::Rotate | Action::Retire | Action::Shred | Action::DeleteToken
+            Action::Rotate | Action::Retire | Action::Shred | Action::DeleteToken | Action::SetRoot
         )
     }
 }
@@ -105,6 +107,7 @@ pub enum Route<'a> {
     Healthz,
     Readyz,
     OpenApi,
+    Metrics,
     Tenants,
     Approvals,
     Approve { id: &'a str },
@@ -117,6 +120,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/v1/openapi.json"),
+    ("GET", "/metrics"),
     ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants/{tenant}/seal"),
     ("POST", "/v1/tenants/{tenant}/open"),
@@ -130,6 +134,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tenants/{tenant}/keys:rotate"),
     ("POST", "/v1/tenants/{tenant}/keys:retire"),
     ("POST", "/v1/tenants/{tenant}:shred"),
+    ("POST", "/v1/tenants/{tenant}/root"),
     ("GET", "/v1/approvals"),
     ("POST", "/v1/approvals/{id}:approve"),
     ("POST", "/v1/tenants/{tenant}/tokens"),
@@ -143,6 +148,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/healthz" => return Some(Route::Healthz),
         "/readyz" => return Some(Route::Readyz),
         "/v1/openapi.json" => return Some(Route::OpenApi),
+        "/metrics" => return Some(Route::Metrics),
         "/v1/tenants" => return Some(Route::Tenants),
         "/v1/approvals" => return Some(Route::Approvals),
         _ => {}
@@ -172,6 +178,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "keys" => Action::Keys,
         "keys:rotate" => Action::Rotate,
         "keys:retire" => Action::Retire,
+        "root" => Action::SetRoot,
         "tokens" => Action::Tokenize,
         "tokens:batch" => Action::TokenizeBatch,
         "tokens:reveal" => Action::Reveal,
@@ -274,6 +281,23 @@ struct RevealedValue<'a> {
     value: &'a str,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRootRequest {
+    /// The customer-managed key: ARN, alias or key id.
+    aws_kms_key: String,
+}
+
+#[derive(Serialize)]
+struct RootMoveView {
+    #[serde(flatten)]
+    tenant: TenantView,
+    /// Live versions, all now wrapped under the tenant's root alone.
+    versions: u64,
+    /// Versions rewrapped by this request.
+    rewrapped: u64,
+}
+
 #[derive(Serialize)]
 struct Sealed {
     ciphertext: String,
@@ -332,6 +356,9 @@ struct TenantView {
     min_decrypt_version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     destroyed_at: Option<i64>,
+    /// The tenant's own root (BYOK), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -387,6 +414,7 @@ impl From<&crate::keyring::TenantRecord> for TenantView {
             created_at: t.created_at,
             min_decrypt_version: t.min_decrypt_version,
             destroyed_at: t.destroyed_at,
+            root: t.root.as_ref().map(|r| r.to_string()),
         }
     }
 }
@@ -536,6 +564,18 @@ async fn dispatch(
     let route = route(&path).ok_or(ApiError::NotFound)?;
     let mut token_param: Option<String> = None;
     let (tenant_raw, action) = match route {
+        Route::Metrics => {
+            // Unauthenticated like /healthz: counts and root ids only, no tenants, no keys.
+            if req.method() != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(state.keyring.metrics().encode())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            return Ok(resp);
+        }
         Route::Healthz | Route::Readyz => {
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
@@ -940,6 +980,19 @@ async fn dispatch(
             state.vault.delete(&tenant, &token).await?;
             Ok(json_ok(&serde_json::json!({ "deleted": true })))
         }
+        Action::SetRoot => {
+            let req: SetRootRequest = parse_json(&body)?;
+            let root = crate::providers::aws_kms_root_id(&req.aws_kms_key)
+                .map_err(|m| ApiError::InvalidRequest(format!("aws_kms_key: {m}")))?;
+            gate(state, peer, request_id, trail, format!("set root {root}")).await?;
+            let moved = kr.set_root(&tenant, &root).await?;
+            trail.count = Some(moved.rewrapped);
+            Ok(json_ok(&RootMoveView {
+                tenant: TenantView::from(&moved.tenant),
+                versions: moved.versions,
+                rewrapped: moved.rewrapped,
+            }))
+        }
         Action::Shred => {
             let req: ShredRequest = if empty_body {
                 ShredRequest::default()
@@ -1278,6 +1331,14 @@ mod tests {
     #[test]
     fn routes_parse_every_template() {
         assert_eq!(route("/healthz"), Some(Route::Healthz));
+        assert_eq!(route("/metrics"), Some(Route::Metrics));
+        assert_eq!(
+            route("/v1/tenants/acme/root"),
+            Some(Route::Tenant {
+                tenant: "acme",
+                action: Action::SetRoot
+            })
+        );
         assert_eq!(
             route("/v1/tenants/acme/seal:batch"),
             Some(Route::Tenant {

@@ -7,7 +7,7 @@ mod ring;
 
 pub use rewrap::{RewrapPlan, RewrapSummary, rewrap_roots};
 pub(crate) use ring::unix_now;
-pub use ring::{IssuedDataKey, Keyring, KeyringOptions, TenantKeys};
+pub use ring::{IssuedDataKey, Keyring, KeyringOptions, RootMove, TenantKeys};
 
 use std::fmt;
 use std::str::FromStr;
@@ -94,6 +94,9 @@ pub struct TenantRecord {
     /// Unix seconds at which the tenant was shredded; a shredded tenant is a tombstone that
     /// auto-creation never brings back.
     pub destroyed_at: Option<i64>,
+    /// The tenant's own root (a customer-managed key, BYOK): its new versions are wrapped under
+    /// this root alone. `None`: under every configured root.
+    pub root: Option<RootId>,
 }
 
 /// What a key-ring mutation did, as recorded for other sidecars sharing the store.
@@ -103,6 +106,8 @@ pub enum KeyEventKind {
     Retired,
     Shredded,
     Rewrapped,
+    /// The tenant was bound to another root.
+    RootChanged,
 }
 
 impl KeyEventKind {
@@ -112,6 +117,7 @@ impl KeyEventKind {
             KeyEventKind::Retired => "retired",
             KeyEventKind::Shredded => "shredded",
             KeyEventKind::Rewrapped => "rewrapped",
+            KeyEventKind::RootChanged => "root-changed",
         }
     }
 }
@@ -248,6 +254,13 @@ pub trait KeyringStore: Send + Sync + 'static {
         wrapping: &Wrapping,
         drop_root: Option<&RootId>,
     ) -> Result<bool, StoreError>;
+
+    /// Binds a live tenant to its own root (BYOK), recording the change in the feed.
+    async fn set_tenant_root(
+        &self,
+        tenant: &TenantId,
+        root: &RootId,
+    ) -> Result<TenantRecord, StoreError>;
 
     /// Change-feed entries after `seq`, oldest first.
     async fn events_since(&self, seq: i64) -> Result<Vec<KeyEvent>, StoreError>;

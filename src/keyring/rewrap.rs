@@ -1,7 +1,8 @@
 //! Root (KEK) rotation: rewraps every stored data-key version under a target root, optionally
 //! dropping the wrap under a retired root in the same transaction. No data is re-encrypted.
 //! Resumable and idempotent: each version moves in one transaction, versions already done are
-//! skipped, so a crash at any point is finished by running the job again.
+//! skipped, so a crash at any point is finished by running the job again. Tenants bound to their
+//! own root (BYOK) are left alone: their keys must stay under the customer's key only.
 
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ pub struct RewrapSummary {
     pub already_done: u64,
     /// Destroyed versions skipped.
     pub destroyed: u64,
+    /// Versions of tenants bound to their own root (BYOK), left where they are.
+    pub customer_managed: u64,
     /// Versions that could not be rewrapped (first error kept in `first_error`).
     pub failed: u64,
     pub first_error: Option<String>,
@@ -43,14 +46,22 @@ pub async fn rewrap_roots(
 ) -> Result<RewrapSummary, KeyringError> {
     let tenants = store.tenants().await?;
     let mut work = Vec::new();
+    let mut customer_managed = 0;
     for t in &tenants {
+        if t.root.is_some() {
+            customer_managed += store.key_versions(&t.tenant).await?.len() as u64;
+            continue;
+        }
         for v in store.key_versions(&t.tenant).await? {
             work.push((t.tenant.clone(), v));
         }
     }
     let total = work.len() as u64;
     let to_id = plan.to.id().clone();
-    let mut summary = RewrapSummary::default();
+    let mut summary = RewrapSummary {
+        customer_managed,
+        ..RewrapSummary::default()
+    };
     for (i, (tenant, version)) in work.into_iter().enumerate() {
         if version.state == KeyState::Destroyed {
             summary.destroyed += 1;
@@ -73,7 +84,7 @@ pub async fn rewrap_roots(
                 // Only the drop is left to do (a run stopped between the two, or none needed).
                 Some(w) => w.clone(),
                 None => {
-                    let dek = unwrap_with(&plan.roots, &tenant, &version).await?;
+                    let (dek, _) = unwrap_with(&plan.roots, &tenant, &version, None).await?;
                     let ctx = WrapContext {
                         tenant: &tenant,
                         key_version: version.version,

@@ -1,7 +1,9 @@
 //! The key ring proper: resolves (tenant, version) to an unwrapped data key through bounded TTL
 //! caches, creates tenants on first use, seals/opens through `crypto`, and carries out the key
-//! lifecycle (rotate, retire, rewrap, four-eyes shred). Caches are dropped per tenant on every
-//! change, whether made here or by another process (the store's change feed).
+//! lifecycle (rotate, retire, rewrap, four-eyes shred, moving a tenant to its own root). Caches
+//! are dropped per tenant on every change, whether made here or by another process (the store's
+//! change feed). The cache TTL is the revocation bound; the optional stale window extends it
+//! only while roots are unreachable, never after a root has refused.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +16,11 @@ use super::{
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
-use crate::providers::{ProviderError, RootProvider, WrapContext, WrapPurpose};
+use crate::metrics::{CacheKind, Metrics};
+use crate::providers::metered::Metered;
+use crate::providers::{
+    ProviderError, RootFactory, RootId, RootProvider, WrapContext, WrapPurpose,
+};
 use crate::tenant::TenantId;
 
 /// Above this size, sealing and opening move off the async reactor.
@@ -30,6 +36,9 @@ pub struct KeyringOptions {
     /// How long an unwrapped key may be used before it is unwrapped again by its root: the
     /// bound on how long a revoked root keeps working.
     pub cache_ttl: Duration,
+    /// How long past `cache_ttl` a key may still be used while every root holding it is
+    /// unreachable (not when one refuses). Zero: never.
+    pub stale_if_error: Duration,
 }
 
 impl Default for KeyringOptions {
@@ -38,8 +47,19 @@ impl Default for KeyringOptions {
             auto_create_tenants: false,
             cache_max_entries: 100_000,
             cache_ttl: Duration::from_secs(300),
+            stale_if_error: Duration::ZERO,
         }
     }
+}
+
+/// What moving a tenant to its own root did.
+#[derive(Debug, Clone)]
+pub struct RootMove {
+    pub tenant: TenantRecord,
+    /// Live versions of the tenant, all now wrapped under the new root alone.
+    pub versions: u64,
+    /// Versions changed by this call (0 when an earlier call finished the move).
+    pub rewrapped: u64,
 }
 
 /// A tenant's keys as shown to operators.
@@ -66,9 +86,24 @@ struct Inner {
     store: Arc<dyn KeyringStore>,
     /// In unwrap-preference order; new versions are wrapped under every one of them.
     roots: Vec<Arc<dyn RootProvider>>,
+    /// Makes the roots tenants are bound to (BYOK) that are not configured.
+    factory: Option<Arc<dyn RootFactory>>,
     options: KeyringOptions,
     keys: Cache<(TenantId, u32), Arc<DataKey>>,
+    /// Keys kept `stale_if_error` past the TTL, consulted only when every root is unreachable.
+    stale: Option<Cache<(TenantId, u32), StaleKey>>,
     tenants: Cache<TenantId, Arc<TenantRecord>>,
+    metrics: Arc<Metrics>,
+    /// Serialises moves between roots in this process, so two concurrent set-root calls do not
+    /// interleave their drops (sidecars sharing a store can still race; rerunning settles it).
+    moves: tokio::sync::Mutex<()>,
+}
+
+/// A key of the stale side cache and the root that last unwrapped it.
+#[derive(Clone)]
+struct StaleKey {
+    key: Arc<DataKey>,
+    root: RootId,
 }
 
 impl Keyring {
@@ -78,14 +113,37 @@ impl Keyring {
         roots: Vec<Arc<dyn RootProvider>>,
         options: KeyringOptions,
     ) -> Result<Self, KeyringError> {
+        Self::with_parts(store, roots, None, options, Arc::new(Metrics::default()))
+    }
+
+    /// Like `new`, with a factory for the roots tenants are bound to (BYOK) and the metrics to
+    /// count into. Every root, configured or made, is counted in `metrics`.
+    pub fn with_parts(
+        store: Arc<dyn KeyringStore>,
+        roots: Vec<Arc<dyn RootProvider>>,
+        factory: Option<Arc<dyn RootFactory>>,
+        options: KeyringOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, KeyringError> {
         if roots.is_empty() {
             return Err(ProviderError::Setup("at least one root key is required".into()).into());
         }
+        let roots = roots
+            .into_iter()
+            .map(|r| Metered::counting(r, metrics.clone()))
+            .collect();
         let keys = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
             .support_invalidation_closures()
             .build();
+        let stale = (!options.stale_if_error.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(options.cache_max_entries)
+                .time_to_live(options.cache_ttl.saturating_add(options.stale_if_error))
+                .support_invalidation_closures()
+                .build()
+        });
         let tenants = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
@@ -94,11 +152,19 @@ impl Keyring {
             inner: Arc::new(Inner {
                 store,
                 roots,
+                factory,
                 options,
                 keys,
+                stale,
                 tenants,
+                metrics,
+                moves: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     pub fn store(&self) -> &Arc<dyn KeyringStore> {
@@ -117,7 +183,7 @@ impl Keyring {
             .tenant(tenant, self.inner.options.auto_create_tenants)
             .await?;
         let version = record.active_version;
-        let key = self.version_key(tenant, version).await?;
+        let key = self.version_key(&record, version).await?;
         let ct = if plaintext.len() > BLOCKING_THRESHOLD {
             let tenant = tenant.clone();
             let aad = aad.to_vec();
@@ -161,7 +227,7 @@ impl Keyring {
         if version < record.min_decrypt_version {
             return Err(KeyringError::KeyVersionRetired);
         }
-        let key = match self.version_key(tenant, version).await {
+        let key = match self.version_key(&record, version).await {
             Ok(k) => k,
             Err(KeyringError::KeyUnwrapFailed { .. })
             | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
@@ -235,9 +301,10 @@ impl Keyring {
         &self,
         tenant: &TenantId,
     ) -> Result<zeroize::Zeroizing<[u8; 32]>, KeyringError> {
-        self.tenant(tenant, self.inner.options.auto_create_tenants)
+        let record = self
+            .tenant(tenant, self.inner.options.auto_create_tenants)
             .await?;
-        let first = self.version_key(tenant, 1).await?;
+        let first = self.version_key(&record, 1).await?;
         let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, first.expose());
         let mut out = zeroize::Zeroizing::new([0u8; 32]);
         hk.expand(b"kms-sidecar/token-index/v1", out.as_mut_slice())
@@ -291,7 +358,8 @@ impl Keyring {
                 .active_version
                 .checked_add(1)
                 .ok_or(KeyringError::Internal("key version space exhausted"))?;
-            let record = self.new_version(tenant, next, unix_now()).await?;
+            let roots = self.wrapping_roots(&current)?;
+            let record = self.new_version(tenant, next, unix_now(), &roots).await?;
             match store
                 .rotate(tenant, current.active_version, &record)
                 .await?
@@ -430,12 +498,126 @@ impl Keyring {
         Ok(self.inner.store.pending_approvals(unix_now()).await?)
     }
 
-    /// Drops everything cached for a tenant.
+    /// Binds a tenant to its own root (a customer-managed key, BYOK) and moves its existing
+    /// versions there: each is rewrapped under the new root and its other wraps are dropped in
+    /// the same transaction. No data is re-encrypted. New versions are wrapped under that root
+    /// alone. A tenant that does not exist yet is created with its first version under the new
+    /// root. Idempotent and resumable: a failed call leaves every version openable, and calling
+    /// again finishes the move.
+    pub async fn set_root(
+        &self,
+        tenant: &TenantId,
+        root: &RootId,
+    ) -> Result<RootMove, KeyringError> {
+        let _one_move_at_a_time = self.inner.moves.lock().await;
+        let store = &self.inner.store;
+        let target = self.tenant_root(root)?;
+        // A key we cannot use is refused before anything changes.
+        target.health().await?;
+        let existing = match store.tenant(tenant).await? {
+            Some(r) => r,
+            None => {
+                let now = unix_now();
+                let first = self
+                    .new_version(tenant, 1, now, std::slice::from_ref(&target))
+                    .await?;
+                store.create_tenant(tenant, now, &first).await?
+            }
+        };
+        if existing.destroyed_at.is_some() {
+            return Err(KeyringError::TenantDestroyed);
+        }
+        let previous = existing.root.clone();
+        let record = store.set_tenant_root(tenant, root).await?;
+        self.invalidate(tenant).await;
+        let mut rewrapped = 0;
+        let mut versions = 0;
+        // A rotation that raced the binding may have added a version under the old roots:
+        // a second pass moves it; later versions are made under the new root.
+        for _ in 0..3 {
+            let mut changed = 0;
+            versions = 0;
+            for v in store.key_versions(tenant).await? {
+                if v.state == KeyState::Destroyed {
+                    continue;
+                }
+                versions += 1;
+                if self
+                    .move_version(tenant, &v, &target, previous.as_ref())
+                    .await?
+                {
+                    changed += 1;
+                }
+            }
+            rewrapped += changed;
+            if changed == 0 {
+                break;
+            }
+        }
+        self.invalidate(tenant).await;
+        tracing::info!(tenant = %tenant, root = %root, rewrapped, "tenant moved to its own root");
+        Ok(RootMove {
+            tenant: record,
+            versions,
+            rewrapped,
+        })
+    }
+
+    /// Leaves `v` wrapped under `target` alone; true if anything changed.
+    async fn move_version(
+        &self,
+        tenant: &TenantId,
+        v: &KeyVersionRecord,
+        target: &Arc<dyn RootProvider>,
+        previous: Option<&RootId>,
+    ) -> Result<bool, KeyringError> {
+        let store = &self.inner.store;
+        let others: Vec<&RootId> = v
+            .wrappings
+            .iter()
+            .map(|w| &w.root)
+            .filter(|r| *r != target.id())
+            .collect();
+        let (wrapping, mut changed) = match v.wrappings.iter().find(|w| &w.root == target.id()) {
+            Some(w) => (w.clone(), false),
+            None => {
+                let candidates = self.unwrap_roots(previous, v);
+                let (dek, _) =
+                    unwrap_with(&candidates, tenant, v, Some(&self.inner.metrics)).await?;
+                let ctx = WrapContext {
+                    tenant,
+                    key_version: v.version,
+                    purpose: WrapPurpose::TenantDek,
+                };
+                let w = Wrapping {
+                    root: target.id().clone(),
+                    blob: target.wrap(&dek, &ctx).await?,
+                };
+                let added = store
+                    .put_wrapping(tenant, v.version, &w, others.first().copied())
+                    .await?;
+                (w, added)
+            }
+        };
+        let skip = usize::from(changed);
+        for other in others.into_iter().skip(skip) {
+            changed |= store
+                .put_wrapping(tenant, v.version, &wrapping, Some(other))
+                .await?;
+        }
+        Ok(changed)
+    }
+
+    /// Drops everything cached for a tenant, including stale keys.
     pub async fn invalidate(&self, tenant: &TenantId) {
         self.inner.tenants.invalidate(tenant).await;
         let t = tenant.clone();
         // Only fails if closures were not enabled on the builder, which `new` does.
         let _ = self.inner.keys.invalidate_entries_if(move |k, _| k.0 == t);
+        if let Some(stale) = &self.inner.stale {
+            let t = tenant.clone();
+            let _ = stale.invalidate_entries_if(move |k, _| k.0 == t);
+        }
     }
 
     /// Follows the store's change feed, dropping the caches of tenants changed by any process
@@ -487,18 +669,30 @@ impl Keyring {
     ) -> Result<Arc<TenantRecord>, KeyringError> {
         let this = self.clone();
         let t = tenant.clone();
-        let record = self
+        let entry = self
             .inner
             .tenants
-            .try_get_with(tenant.clone(), async move {
+            .entry(tenant.clone())
+            .or_try_insert_with(async move {
                 match this.inner.store.tenant(&t).await? {
                     Some(r) => Ok(Arc::new(r)),
                     None if create => Ok(Arc::new(this.create(&t).await?)),
                     None => Err(KeyringError::TenantNotFound),
                 }
             })
-            .await
-            .map_err(|e: Arc<KeyringError>| (*e).clone())?;
+            .await;
+        let record = match entry {
+            Ok(e) => {
+                self.inner
+                    .metrics
+                    .cache_miss_or_hit(CacheKind::Tenants, e.is_fresh());
+                e.into_value()
+            }
+            Err(e) => {
+                self.inner.metrics.cache_miss(CacheKind::Tenants);
+                return Err((*e).clone());
+            }
+        };
         if record.destroyed_at.is_some() {
             return Err(KeyringError::TenantDestroyed);
         }
@@ -507,14 +701,18 @@ impl Keyring {
 
     async fn version_key(
         &self,
-        tenant: &TenantId,
+        tenant: &TenantRecord,
         version: u32,
     ) -> Result<Arc<DataKey>, KeyringError> {
         let this = self.clone();
-        let t = tenant.clone();
-        self.inner
+        let t = tenant.tenant.clone();
+        let own_root = tenant.root.clone();
+        let cache_key = (t.clone(), version);
+        let entry = self
+            .inner
             .keys
-            .try_get_with((tenant.clone(), version), async move {
+            .entry(cache_key.clone())
+            .or_try_insert_with(async move {
                 let store = &this.inner.store;
                 let Some(record) = store.key_version(&t, version).await? else {
                     return Err(KeyringError::DecryptFailed);
@@ -522,38 +720,140 @@ impl Keyring {
                 if record.state == KeyState::Destroyed {
                     return Err(KeyringError::KeyVersionDestroyed);
                 }
-                this.unwrap_record(&t, &record).await.map(Arc::new)
+                let roots = this.unwrap_roots(own_root.as_ref(), &record);
+                let (key, root) =
+                    unwrap_with(&roots, &t, &record, Some(&this.inner.metrics)).await?;
+                let key = Arc::new(key);
+                if let Some(stale) = &this.inner.stale {
+                    let entry = StaleKey {
+                        key: key.clone(),
+                        root,
+                    };
+                    stale.insert((t.clone(), version), entry).await;
+                }
+                Ok(key)
             })
-            .await
-            .map_err(|e: Arc<KeyringError>| (*e).clone())
+            .await;
+        match entry {
+            Ok(e) => {
+                self.inner
+                    .metrics
+                    .cache_miss_or_hit(CacheKind::Keys, e.is_fresh());
+                Ok(e.into_value())
+            }
+            Err(e) => {
+                self.inner.metrics.cache_miss(CacheKind::Keys);
+                let err: KeyringError = (*e).clone();
+                self.stale_fallback(&cache_key, err).await
+            }
+        }
     }
 
-    /// Unwraps a stored version, trying its wraps in root-preference order. An outage of one
-    /// root falls through to the next; the error reported is the most actionable one seen.
-    pub(crate) async fn unwrap_record(
+    /// After a failed unwrap: an unreachable root may be bridged by a stale key; a refusing root
+    /// drops every stale key it unwrapped, so a revocation is never extended once it is seen.
+    async fn stale_fallback(
         &self,
-        tenant: &TenantId,
-        record: &KeyVersionRecord,
-    ) -> Result<DataKey, KeyringError> {
-        unwrap_with(&self.inner.roots, tenant, record).await
+        cache_key: &(TenantId, u32),
+        err: KeyringError,
+    ) -> Result<Arc<DataKey>, KeyringError> {
+        let Some(stale) = &self.inner.stale else {
+            return Err(err);
+        };
+        match &err {
+            KeyringError::Provider(ProviderError::Unavailable { .. }) => {
+                if let Some(s) = stale.get(cache_key).await {
+                    self.inner.metrics.stale_key_served();
+                    tracing::warn!(tenant = %cache_key.0, version = cache_key.1, root = %s.root,
+                        "root unreachable; using a key past the cache TTL (stale_if_error)");
+                    return Ok(s.key);
+                }
+            }
+            KeyringError::Provider(ProviderError::AccessDenied { root }) => {
+                let root = root.clone();
+                let _ = stale.invalidate_entries_if(move |_, v| v.root.as_str() == root);
+            }
+            _ => {}
+        }
+        Err(err)
     }
 
-    /// A new version's key, generated by the first root and wrapped under every root.
+    /// The roots that wrap new versions of a tenant: its own root alone, or every configured one.
+    fn wrapping_roots(
+        &self,
+        tenant: &TenantRecord,
+    ) -> Result<Vec<Arc<dyn RootProvider>>, KeyringError> {
+        match &tenant.root {
+            Some(id) => Ok(vec![self.tenant_root(id)?]),
+            None => Ok(self.inner.roots.clone()),
+        }
+    }
+
+    /// A tenant's own root; one this sidecar cannot make is a refusal (409), not a bug.
+    fn tenant_root(&self, id: &RootId) -> Result<Arc<dyn RootProvider>, KeyringError> {
+        self.root_by_id(id).map_err(|e| match e {
+            ProviderError::Setup(m) => KeyringError::Refused(m),
+            other => other.into(),
+        })
+    }
+
+    /// A configured root by id, or one made by the factory (counted like the configured ones).
+    fn root_by_id(&self, id: &RootId) -> Result<Arc<dyn RootProvider>, ProviderError> {
+        if let Some(r) = self.inner.roots.iter().find(|r| r.id() == id) {
+            return Ok(r.clone());
+        }
+        match &self.inner.factory {
+            Some(f) => Ok(Metered::counting(f.root(id)?, self.inner.metrics.clone())),
+            None => Err(ProviderError::Setup(format!(
+                "root {id} is not configured, and no [aws] connection is configured to reach it"
+            ))),
+        }
+    }
+
+    /// The roots to try on a stored version, in order: the tenant's own root, the configured
+    /// roots, then any other root holding a wrap of it (a tenant in the middle of a move).
+    fn unwrap_roots(
+        &self,
+        own: Option<&RootId>,
+        record: &KeyVersionRecord,
+    ) -> Vec<Arc<dyn RootProvider>> {
+        let mut roots: Vec<Arc<dyn RootProvider>> = Vec::new();
+        if let Some(r) = own.and_then(|id| self.root_by_id(id).ok()) {
+            roots.push(r);
+        }
+        for r in &self.inner.roots {
+            if !roots.iter().any(|x| x.id() == r.id()) {
+                roots.push(r.clone());
+            }
+        }
+        for w in &record.wrappings {
+            if !roots.iter().any(|x| x.id() == &w.root)
+                && let Ok(r) = self.root_by_id(&w.root)
+            {
+                roots.push(r);
+            }
+        }
+        roots
+    }
+
+    /// A new version's key, generated by the first of `roots` and wrapped under every one.
     async fn new_version(
         &self,
         tenant: &TenantId,
         version: u32,
         created_at: i64,
+        roots: &[Arc<dyn RootProvider>],
     ) -> Result<KeyVersionRecord, KeyringError> {
         let ctx = WrapContext {
             tenant,
             key_version: version,
             purpose: WrapPurpose::TenantDek,
         };
-        let roots = &self.inner.roots;
-        let (dek, first_blob) = roots[0].generate(&ctx).await?;
+        let Some(first) = roots.first() else {
+            return Err(KeyringError::Internal("no root to wrap a new key version"));
+        };
+        let (dek, first_blob) = first.generate(&ctx).await?;
         let mut wrappings = vec![Wrapping {
-            root: roots[0].id().clone(),
+            root: first.id().clone(),
             blob: first_blob,
         }];
         for root in &roots[1..] {
@@ -572,7 +872,7 @@ impl Keyring {
 
     async fn create(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
         let now = unix_now();
-        let first = self.new_version(tenant, 1, now).await?;
+        let first = self.new_version(tenant, 1, now, &self.inner.roots).await?;
         let record = self.inner.store.create_tenant(tenant, now, &first).await?;
         tracing::info!(tenant = %tenant, active_version = record.active_version, "tenant ready");
         Ok(record)
@@ -580,28 +880,34 @@ impl Keyring {
 }
 
 /// Tries a version's wraps in `roots` order; shared by the key ring and the root rewrap job.
+/// An outage of one root falls through to the next; the error reported is the most actionable
+/// one seen. Returns the key and the root that unwrapped it.
 pub(crate) async fn unwrap_with(
     roots: &[Arc<dyn RootProvider>],
     tenant: &TenantId,
     record: &KeyVersionRecord,
-) -> Result<DataKey, KeyringError> {
+    metrics: Option<&Metrics>,
+) -> Result<(DataKey, RootId), KeyringError> {
     let ctx = WrapContext {
         tenant,
         key_version: record.version,
         purpose: WrapPurpose::TenantDek,
     };
     let mut worst: Option<ProviderError> = None;
-    for (i, root) in roots.iter().enumerate() {
+    for root in roots {
         let Some(w) = record.wrappings.iter().find(|w| &w.root == root.id()) else {
             continue;
         };
         match root.unwrap(&w.blob, &ctx).await {
             Ok(k) => {
-                if i > 0 || worst.is_some() {
+                if worst.is_some() {
                     tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
                         "unwrapped through a fallback root");
+                    if let Some(m) = metrics {
+                        m.fallback_unwrap(root.id().as_str());
+                    }
                 }
-                return Ok(k);
+                return Ok((k, root.id().clone()));
             }
             Err(e) => {
                 tracing::warn!(tenant = %tenant, version = record.version, root = %root.id(),
@@ -639,3 +945,7 @@ pub(crate) fn unix_now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+#[path = "ring_tests.rs"]
+mod tests;

@@ -84,10 +84,14 @@ CREATE TABLE tokens (
 CREATE UNIQUE INDEX tokens_deterministic ON tokens (tenant, format, det_index) WHERE det_index IS NOT NULL;
 CREATE INDEX tokens_expiry ON tokens (expires_at) WHERE expires_at IS NOT NULL;
 "#,
+    // The tenant's own root (BYOK customer-managed key); NULL = the configured roots.
+    r#"
+ALTER TABLE tenants ADD COLUMN root_id TEXT CHECK (root_id IS NULL OR length(root_id) > 0);
+"#,
 ];
 
 const TENANT_COLUMNS: &str =
-    "tenant, active_version, created_at, min_decrypt_version, destroyed_at";
+    "tenant, active_version, created_at, min_decrypt_version, destroyed_at, root_id";
 
 /// The SQLite engine.
 #[derive(Clone)]
@@ -184,19 +188,27 @@ fn version_of(v: i64) -> Result<u32, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("stored key version {v} out of range")))
 }
 
-type TenantRow = (String, i64, i64, i64, Option<i64>);
+type TenantRow = (String, i64, i64, i64, Option<i64>, Option<String>);
 
 fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
-fn tenant_record((t, v, c, min, destroyed): TenantRow) -> Result<TenantRecord, StoreError> {
+fn tenant_record((t, v, c, min, destroyed, root): TenantRow) -> Result<TenantRecord, StoreError> {
     Ok(TenantRecord {
         tenant: tenant_of(t)?,
         active_version: version_of(v)?,
         created_at: c,
         min_decrypt_version: version_of(min)?,
         destroyed_at: destroyed,
+        root: root.map(RootId::new),
     })
 }
 
@@ -627,6 +639,37 @@ impl KeyringStore for SqliteStore {
             }
             tx.commit().map_err(db)?;
             Ok(added + dropped > 0)
+        })
+        .await
+    }
+
+    async fn set_tenant_root(
+        &self,
+        tenant: &TenantId,
+        root: &RootId,
+    ) -> Result<TenantRecord, StoreError> {
+        let t = tenant.as_str().to_owned();
+        let root = root.as_str().to_owned();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let current = read_tenant(&tx, &t)?
+                .ok_or_else(|| StoreError::Refused("tenant not found".into()))?;
+            if current.destroyed_at.is_some() {
+                return Err(StoreError::Refused("tenant destroyed".into()));
+            }
+            tx.execute(
+                "UPDATE tenants SET root_id = ?2 WHERE tenant = ?1",
+                params![t, root],
+            )
+            .map_err(db)?;
+            record_event(&tx, &t, KeyEventKind::RootChanged)?;
+            let record = read_tenant(&tx, &t)?.ok_or_else(|| {
+                StoreError::Corrupt("tenant vanished inside its transaction".into())
+            })?;
+            tx.commit().map_err(db)?;
+            Ok(record)
         })
         .await
     }

@@ -1,6 +1,11 @@
 //! One harness for integration tests: starts a real sidecar (in process, or the built binary),
-//! talks HTTP/1.1 to it over its Unix socket or loopback TCP, and snapshots its store.
+//! talks HTTP/1.1 to it over its Unix socket or loopback TCP, and snapshots its store. For the
+//! AWS KMS tests: moto (`moto`) and a fault-injecting proxy in front of it (`kms_proxy`).
 #![allow(dead_code)]
+
+pub mod kms_proxy;
+#[cfg(feature = "aws")]
+pub mod moto;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,6 +110,7 @@ pub struct Options {
     pub auto_create: bool,
     /// uid allowed on the socket; `None` leaves the socket with no principal.
     pub socket_uid: Option<u32>,
+    /// Top-level keys and tables; `{data}` stands for the data dir.
     pub extra_toml: String,
 }
 
@@ -144,7 +150,8 @@ impl Sidecar {
             "data_dir = {:?}\nauto_create_tenants = {}\n{}\n[listen]\ntcp = \"127.0.0.1:0\"\nunix_socket = {:?}\n{}",
             data.display().to_string(),
             opts.auto_create,
-            opts.extra_toml,
+            opts.extra_toml
+                .replace("{data}", &data.display().to_string()),
             dir.path().join("s.sock").display().to_string(),
             default_principals(opts.socket_uid),
         );
@@ -165,6 +172,26 @@ impl Sidecar {
 
     pub fn data_dir(&self) -> PathBuf {
         self.data.clone()
+    }
+
+    /// The config file this sidecar was started from.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// The value of one series of `/metrics` (0 when absent), e.g.
+    /// `kms_sidecar_root_calls_total{root="aws-kms:…",op="unwrap"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let r = self.unix("GET", "/metrics", &[], Bytes::new()).await;
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
     }
 
     /// A request over TCP as `token`, JSON body.
