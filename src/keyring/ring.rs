@@ -10,7 +10,7 @@ use moka::future::Cache;
 
 use super::{
     Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
-    ShredTarget, TenantRecord, Wrapping,
+    ShredTarget, StoreChange, TenantRecord, Wrapping,
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
@@ -438,31 +438,29 @@ impl Keyring {
         let _ = self.inner.keys.invalidate_entries_if(move |k, _| k.0 == t);
     }
 
-    /// Follows the store's change feed, dropping the caches of tenants changed by any process
-    /// sharing the store, until the returned task is aborted.
-    pub fn follow_changes(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Drops every cached key and tenant record.
+    pub fn invalidate_all(&self) {
+        self.inner.tenants.invalidate_all();
+        self.inner.keys.invalidate_all();
+    }
+
+    /// Follows the store's changes (pushed by the engine, or polled every `poll_every`),
+    /// dropping the caches of tenants changed by any process sharing the store, until the
+    /// returned task is aborted.
+    pub fn follow_changes(&self, poll_every: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        let mut changes = self.inner.store.clone().subscribe(poll_every);
         tokio::spawn(async move {
-            let mut last = loop {
-                match this.inner.store.last_event().await {
-                    Ok(seq) => break seq,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "change feed unavailable");
-                        tokio::time::sleep(every).await;
+            while let Some(change) = changes.recv().await {
+                match change {
+                    StoreChange::Tenant(t) => {
+                        this.invalidate(&t).await;
+                        tracing::debug!(tenant = %t, "cache dropped after a change");
                     }
-                }
-            };
-            loop {
-                tokio::time::sleep(every).await;
-                match this.inner.store.events_since(last).await {
-                    Ok(events) => {
-                        for e in events {
-                            this.invalidate(&e.tenant).await;
-                            tracing::debug!(tenant = %e.tenant, kind = %e.kind, "cache dropped after a change");
-                            last = e.seq;
-                        }
+                    StoreChange::All => {
+                        this.invalidate_all();
+                        tracing::info!("all caches dropped: store changes may have been missed");
                     }
-                    Err(e) => tracing::warn!(error = %e, "change feed unavailable"),
                 }
             }
         })
