@@ -4,10 +4,12 @@
 //! database. Both pass one behaviour suite (`suite.rs`). Knows nothing about HTTP or key
 //! unwrapping.
 
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::keyring::KeyringStore;
