@@ -10,7 +10,6 @@ use secrecy::SecretString;
 
 use kms_sidecar::api::auth::token_sha256;
 use kms_sidecar::config::{Config, RootConfig};
-use kms_sidecar::keyring::KeyringStore;
 use kms_sidecar::providers::RootProvider;
 use kms_sidecar::providers::keyfile::{KdfParams, create_keyfile};
 use kms_sidecar::providers::pkcs11::{self, Pkcs11Config, Pkcs11Root};
@@ -323,7 +322,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         } => {
             let config = load_config(&cli)?;
             runtime()?.block_on(async {
-                let store = server::open_store(&config)?;
+                let store = server::open_store(&config).await?;
                 let tenants = store
                     .tenants()
                     .await
@@ -530,7 +529,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
             let tenant =
                 TenantId::parse(tenant).map_err(|e| StartError::Config(format!("TENANT: {e}")))?;
             runtime()?.block_on(async {
-                let store = server::open_store(&config)?;
+                let store = server::open_store(&config).await?;
                 let versions = store
                     .key_versions(&tenant)
                     .await
@@ -839,7 +838,7 @@ async fn roots_rewrap(config: &Config, to: &str, from: Option<&str>) -> Result<(
         }),
         None => None,
     };
-    let store = server::open_store(config)?;
+    let store = server::open_store(config).await?;
     let audit = kms_sidecar::audit::Audit::open(config.audit_options())
         .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
     let user = format!("cli:uid={}", nix::unistd::getuid().as_raw());
