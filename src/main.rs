@@ -82,6 +82,15 @@ enum Command {
         #[command(subcommand)]
         command: HsmCommand,
     },
+    /// Health probe for supervisors (Kubernetes exec probes): GET /healthz (or /readyz with
+    /// --ready) over the Unix socket; exit 0 if it answers 200 within 3 s, 1 otherwise.
+    Probe {
+        /// Ask /readyz (store and first root reachable) instead of /healthz (process alive).
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 /// How admin commands reach the running sidecar.
@@ -416,6 +425,21 @@ fn run(cli: Cli) -> Result<(), StartError> {
                     v["min_decrypt_version"]
                 );
                 Ok(())
+            })
+        }
+        Command::Probe { ready, remote } => {
+            let config = load_config(&cli)?;
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            runtime()?.block_on(async {
+                let call = admin_call(&config, remote, "GET", path, None);
+                match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
+                    Ok(Ok(_)) => {
+                        println!("{path}: ok");
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(StartError::Runtime(format!("{path}: {e}"))),
+                    Err(_) => Err(StartError::Runtime(format!("{path}: no answer within 3 s"))),
+                }
             })
         }
         Command::Shred { command } => {
