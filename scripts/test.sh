@@ -117,7 +117,7 @@ fi
 step "examples against a live serve --dev"
 cargo build --locked --bin kms-sidecar --example client
 work=$(mktemp -d)
-(cd "$work" && KMS_SIDECAR_LISTEN__TCP=127.0.0.1:0 "$root/target/debug/kms-sidecar" serve --dev >"$log/serve.out" 2>"$log/serve.err") &
+(cd "$work" && KMS_SIDECAR_LISTEN__TCP=127.0.0.1:0 exec "$root/target/debug/kms-sidecar" serve --dev >"$log/serve.out" 2>"$log/serve.err") &
 pid=$!
 for _ in $(seq 1 200); do [ -S "$work/data/kms-sidecar.sock" ] && break; sleep 0.05; done
 examples_ok=0; examples_failed=0
