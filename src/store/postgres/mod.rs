@@ -50,7 +50,14 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects, checks the server answers, and migrates the schema.
     pub async fn connect(options: &PostgresOptions) -> Result<Self, StoreError> {
-        let tls = options.tls().map_err(StoreError::Unavailable)?;
+        // Reads the CA file or the system's certificate directory: off the reactor.
+        let tls = {
+            let options = options.clone();
+            tokio::task::spawn_blocking(move || options.tls())
+                .await
+                .map_err(|_| unavailable("TLS setup task failed"))?
+                .map_err(StoreError::Unavailable)?
+        };
         if options.tls_strippable() {
             tracing::warn!(store = %options.describe(),
                 "store.url has no sslmode=verify-full (or require): a network attacker can downgrade to plaintext");
@@ -75,7 +82,7 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| unavailable(&format!("postgres connection: {e}")))
+            .map_err(|e| unavailable(&format!("postgres connection: {}", with_causes(&e))))
     }
 
     /// Runs one operation under an overall bound, whatever its statements do.
@@ -97,7 +104,23 @@ pub(super) fn unavailable(msg: &str) -> StoreError {
 /// Every database error is an outage as far as callers go: constraint violations the engine
 /// expects are handled where they can happen.
 pub(super) fn pg(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(format!("postgres: {e}"))
+    StoreError::Unavailable(format!("postgres: {}", with_causes(&e)))
+}
+
+/// An error and its sources ("error performing TLS handshake: invalid peer certificate: …"):
+/// the outermost message alone rarely says what to fix.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn tenant_of(s: String) -> Result<TenantId, StoreError> {
