@@ -29,7 +29,7 @@ if ! python3 -c 'import cryptography' 2>/dev/null; then
   echo "installing the Python cryptography package (vector checker)"
   python3 -m pip install --quiet 'cryptography>=42'
 fi
-for tool in curl python3; do
+for tool in curl python3 openssl; do
   if ! command -v "$tool" >/dev/null; then
     if [ "${CI:-}" = true ] || [ "$(id -u)" = 0 ]; then
       apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null

@@ -1,7 +1,8 @@
 //! A fleet of sidecars on one PostgreSQL database: changes made through one reach the others'
 //! caches at once (LISTEN/NOTIFY), concurrent writers on different sidecars end with one key
 //! ring, and a database outage leaves cached operations running while writes fail fast with
-//! 503 `store_unavailable`, until the database returns (no restart of the sidecars).
+//! 503 `store_unavailable`, until the database returns (no restart of the sidecars). The store
+//! talks TLS to a server that has it, verifying the certificate chain and the host name.
 
 mod support;
 
@@ -280,9 +281,9 @@ async fn a_ten_second_postgres_outage_keeps_cached_operations_and_fails_writes_f
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered = up.elapsed();
-    // B's listener reconnects within its back-off (≤ 5 s); after that a rotation through A
-    // reaches B's cache at once again.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // B's listener reconnects within its back-off (at most 5 s between attempts); after that a
+    // rotation through A reaches B's cache at once again.
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let before = b
         .post("/v1/tenants/hot/seal", json!({ "plaintext": b64(b"v") }))
         .await;
@@ -326,4 +327,64 @@ async fn a_ten_second_postgres_outage_keeps_cached_operations_and_fails_writes_f
             .status,
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_uses_tls_and_verifies_the_server_certificate_and_name() {
+    use kms_sidecar::store::{PostgresOptions, PostgresStore};
+    let Some((cluster, ca)) = PgCluster::start_tls() else {
+        return;
+    };
+    let options = |host: &str, ca: &std::path::Path, mode: &str| {
+        PostgresOptions::new(
+            &format!(
+                "postgres://postgres@{host}:{}/postgres?sslmode={mode}&sslrootcert={}&application_name=kms-tls-{mode}",
+                cluster.port,
+                ca.display()
+            ),
+            2,
+            Duration::from_secs(3),
+            Duration::from_secs(3),
+        )
+        .unwrap()
+    };
+    let store = PostgresStore::connect(&options("localhost", &ca, "verify-full"))
+        .await
+        .expect("verify-full against the right CA and name");
+    kms_sidecar::keyring::KeyringStore::health(&store)
+        .await
+        .unwrap();
+    // Another session checks that the store's own sessions are encrypted.
+    let (client, conn) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'kms-tls-verify-full' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the store's sessions use TLS");
+
+    // Another CA, or a name the certificate does not carry: refused, even with `require`.
+    let (_other, other_ca) = PgCluster::start_tls().unwrap();
+    for (host, ca, mode) in [
+        ("localhost", other_ca.as_path(), "require"),
+        ("127.0.0.1", ca.as_path(), "verify-ca"),
+    ] {
+        match PostgresStore::connect(&options(host, ca, mode)).await {
+            Err(kms_sidecar::keyring::StoreError::Unavailable(m)) => {
+                assert!(m.contains("invalid peer certificate"), "{m}");
+                println!("refused as expected: {m}");
+            }
+            other => panic!(
+                "{host} {mode}: expected a refusal, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
 }

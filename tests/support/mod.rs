@@ -428,6 +428,8 @@ pub struct PgCluster {
     bin: PathBuf,
     pub port: u16,
     pub url: String,
+    /// Extra server options (`-c ssl=on …`).
+    extra: String,
 }
 
 fn pg_bin_dir() -> Option<PathBuf> {
@@ -445,6 +447,108 @@ fn pg_bin_dir() -> Option<PathBuf> {
 
 impl PgCluster {
     pub fn start() -> Option<PgCluster> {
+        let cluster = Self::init()?;
+        cluster.resume();
+        Some(cluster)
+    }
+
+    /// A server with TLS on: a new CA (returned, PEM) signed its certificate for the host name
+    /// `localhost` only. Made with the openssl command.
+    pub fn start_tls() -> Option<(PgCluster, PathBuf)> {
+        let mut cluster = Self::init()?;
+        let dir = cluster.dir.path().to_owned();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .output()
+                .expect("the openssl command");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kms-sidecar test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        if nix::unistd::geteuid().is_root() {
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("a postgres user");
+            for f in ["server.key", "server.pem"] {
+                std::os::unix::fs::chown(dir.join(f), Some(pg.uid.as_raw()), Some(pg.gid.as_raw()))
+                    .unwrap();
+            }
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        cluster.extra = format!(
+            " -c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+            dir.display()
+        );
+        cluster.resume();
+        Some((cluster, dir.join("ca.pem")))
+    }
+
+    fn init() -> Option<PgCluster> {
         let Some(bin) = pg_bin_dir() else {
             if pg_required() {
                 panic!("PostgreSQL server binaries not found under CI=true");
@@ -470,6 +574,7 @@ impl PgCluster {
             dir,
             bin,
             port,
+            extra: String::new(),
         };
         let data = cluster.data();
         cluster.run(
@@ -486,7 +591,6 @@ impl PgCluster {
                 "UTF8",
             ],
         );
-        cluster.resume();
         Some(cluster)
     }
 
@@ -516,9 +620,10 @@ impl PgCluster {
     pub fn resume(&self) {
         let data = self.data();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.extra
         );
         let log = self.dir.path().join("server.log").display().to_string();
         self.run(
