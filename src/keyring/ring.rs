@@ -17,6 +17,10 @@ use crate::crypto::{DataKey, SecretBytes};
 use crate::providers::{ProviderError, RootProvider, WrapContext, WrapPurpose};
 use crate::tenant::TenantId;
 
+/// Tries of a rotation that keeps losing to concurrent ones (each loss is another rotation's
+/// success, so this bounds a crowd of this size, not a livelock).
+const ROTATE_ATTEMPTS: u32 = 32;
+
 /// Above this size, sealing and opening move off the async reactor.
 const BLOCKING_THRESHOLD: usize = 64 * 1024;
 
@@ -279,7 +283,14 @@ impl Keyring {
     /// version is added per call.
     pub async fn rotate(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
         let store = &self.inner.store;
-        for _ in 0..5 {
+        for attempt in 0..ROTATE_ATTEMPTS {
+            if attempt > 0 {
+                // Each conflict means another rotation won; a short random pause keeps a crowd
+                // of rotators (several sidecars on one store) from colliding again in step.
+                let mut jitter = [0u8; 1];
+                crate::crypto::fill_random(&mut jitter)?;
+                tokio::time::sleep(Duration::from_millis(1 + u64::from(jitter[0] % 16))).await;
+            }
             let current = store
                 .tenant(tenant)
                 .await?
@@ -304,7 +315,9 @@ impl Keyring {
                 RotateOutcome::Conflict(_) => continue,
             }
         }
-        Err(KeyringError::Internal("rotation kept conflicting"))
+        Err(KeyringError::Refused(
+            "the tenant kept being rotated concurrently; retry".into(),
+        ))
     }
 
     /// Rotates every live tenant whose active version is older than `period_for(tenant)`.
