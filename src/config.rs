@@ -326,6 +326,14 @@ fn default_sweep() -> u64 {
     60
 }
 
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_store_timeout() -> u64 {
+    5
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantRotation {
@@ -334,11 +342,54 @@ pub struct TenantRotation {
     pub period_seconds: u64,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// SQLite file; default `<data_dir>/store.db`.
+    /// SQLite file; default `<data_dir>/store.db`. Mutually exclusive with `url`.
     pub sqlite_path: Option<PathBuf>,
+    /// PostgreSQL instead of SQLite: `postgres://user:password@host:5432/db?sslmode=verify-full`.
+    /// It may carry a password, so it is never printed.
+    pub url: Option<String>,
+    /// PostgreSQL connections per sidecar (plus one for change notifications).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Bound on opening a PostgreSQL connection, and on waiting for a free one.
+    #[serde(default = "default_store_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// Bound on one PostgreSQL statement (and on waiting for a row lock).
+    #[serde(default = "default_store_timeout")]
+    pub statement_timeout_seconds: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            sqlite_path: None,
+            url: None,
+            pool_size: default_pool_size(),
+            connect_timeout_seconds: default_store_timeout(),
+            statement_timeout_seconds: default_store_timeout(),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("sqlite_path", &self.sqlite_path)
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .field("statement_timeout_seconds", &self.statement_timeout_seconds)
+            .finish()
+    }
+}
+
+/// Which engine holds the store, as configured.
+#[derive(Debug, Clone)]
+pub enum StoreEngine {
+    Sqlite(PathBuf),
+    Postgres(Box<crate::store::PostgresOptions>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -638,7 +689,45 @@ impl Config {
             }
         }
         self.principals()?;
+        self.store_engine()?;
         Ok(())
+    }
+
+    /// The configured store engine, validated: SQLite unless `store.url` is set.
+    pub fn store_engine(&self) -> Result<StoreEngine, ConfigError> {
+        let s = &self.store;
+        let Some(url) = &s.url else {
+            return Ok(StoreEngine::Sqlite(self.sqlite_path()));
+        };
+        if s.sqlite_path.is_some() {
+            return Err(ConfigError(
+                "store.url: set either store.url (PostgreSQL) or store.sqlite_path (SQLite), not both"
+                    .into(),
+            ));
+        }
+        if !(1..=1000).contains(&s.pool_size) {
+            return Err(ConfigError(
+                "store.pool_size must be between 1 and 1000".into(),
+            ));
+        }
+        for (key, v) in [
+            ("connect_timeout_seconds", s.connect_timeout_seconds),
+            ("statement_timeout_seconds", s.statement_timeout_seconds),
+        ] {
+            if !(1..=300).contains(&v) {
+                return Err(ConfigError(format!(
+                    "store.{key} must be between 1 and 300"
+                )));
+            }
+        }
+        let options = crate::store::PostgresOptions::new(
+            url,
+            s.pool_size,
+            Duration::from_secs(s.connect_timeout_seconds),
+            Duration::from_secs(s.statement_timeout_seconds),
+        )
+        .map_err(|m| ConfigError(format!("store.url: {m}")))?;
+        Ok(StoreEngine::Postgres(Box::new(options)))
     }
 
     pub fn socket_mode(&self) -> Result<u32, ConfigError> {
@@ -995,5 +1084,51 @@ operations = ["seal", "open"]
         assert!(
             matches!(&c.roots()[0], RootConfig::Keyfile { passphrase_env: Some(v), .. } if v == "ROOT_PASS")
         );
+    }
+
+    #[test]
+    fn store_url_selects_postgres_and_excludes_sqlite_path() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert!(
+            matches!(c.store_engine().unwrap(), StoreEngine::Sqlite(p) if p == Path::new("./data/store.db"))
+        );
+        let c = load(
+            "[store]\nurl = \"postgres://kms:pw-123@db.internal/kms?sslmode=verify-full\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            c.store_engine().unwrap(),
+            StoreEngine::Postgres(_)
+        ));
+        assert!(
+            !format!("{c:?}").contains("pw-123"),
+            "the URL's password is never printed"
+        );
+        let e = load(
+            "[store]\nurl = \"postgres://db/kms\"\nsqlite_path = \"/x.db\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("store.url") && e.contains("store.sqlite_path"),
+            "{e}"
+        );
+        let e = load("", &[("KMS_SIDECAR_STORE__URL", "mysql://u:pw-123@db/kms")])
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("store.url") && !e.contains("pw-123"), "{e}");
+        let e = load("[store]\nurl = \"postgres://db/kms\"\npool_size = 0\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("store.pool_size"), "{e}");
+        let e = load(
+            "[store]\nurl = \"postgres://db/kms\"\nstatement_timeout_seconds = 0\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("store.statement_timeout_seconds"), "{e}");
     }
 }

@@ -10,7 +10,6 @@ use secrecy::SecretString;
 
 use kms_sidecar::api::auth::token_sha256;
 use kms_sidecar::config::{Config, RootConfig};
-use kms_sidecar::keyring::KeyringStore;
 use kms_sidecar::providers::RootProvider;
 use kms_sidecar::providers::keyfile::{KdfParams, create_keyfile};
 use kms_sidecar::providers::pkcs11::{self, Pkcs11Config, Pkcs11Root};
@@ -82,6 +81,15 @@ enum Command {
     Hsm {
         #[command(subcommand)]
         command: HsmCommand,
+    },
+    /// Health probe for supervisors (Kubernetes exec probes): GET /healthz (or /readyz with
+    /// --ready) over the Unix socket; exit 0 if it answers 200 within 3 s, 1 otherwise.
+    Probe {
+        /// Ask /readyz (store and first root reachable) instead of /healthz (process alive).
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
 }
 
@@ -345,7 +353,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         } => {
             let config = load_config(&cli)?;
             runtime()?.block_on(async {
-                let store = server::open_store(&config)?;
+                let store = server::open_store(&config).await?;
                 let tenants = store
                     .tenants()
                     .await
@@ -471,6 +479,21 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 Ok(())
             })
         }
+        Command::Probe { ready, remote } => {
+            let config = load_config(&cli)?;
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            runtime()?.block_on(async {
+                let call = admin_call(&config, remote, "GET", path, None);
+                match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
+                    Ok(Ok(_)) => {
+                        println!("{path}: ok");
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(StartError::Runtime(format!("{path}: {e}"))),
+                    Err(_) => Err(StartError::Runtime(format!("{path}: no answer within 3 s"))),
+                }
+            })
+        }
         Command::Shred { command } => {
             let config = load_config(&cli)?;
             runtime()?.block_on(async {
@@ -582,7 +605,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
             let tenant =
                 TenantId::parse(tenant).map_err(|e| StartError::Config(format!("TENANT: {e}")))?;
             runtime()?.block_on(async {
-                let store = server::open_store(&config)?;
+                let store = server::open_store(&config).await?;
                 let versions = store
                     .key_versions(&tenant)
                     .await
@@ -891,7 +914,7 @@ async fn roots_rewrap(config: &Config, to: &str, from: Option<&str>) -> Result<(
         }),
         None => None,
     };
-    let store = server::open_store(config)?;
+    let store = server::open_store(config).await?;
     let audit = kms_sidecar::audit::Audit::open(config.audit_options())
         .map_err(|e| StartError::Runtime(format!("audit: {e}")))?;
     let user = format!("cli:uid={}", nix::unistd::getuid().as_raw());

@@ -18,12 +18,12 @@ use zeroize::Zeroizing;
 
 use crate::api::auth::{Authenticator, Principal, token_sha256};
 use crate::api::{self, AppState};
-use crate::config::{Config, RootConfig};
+use crate::config::{Config, RootConfig, StoreEngine};
 use crate::keyring::{Keyring, KeyringStore};
 use crate::providers::RootProvider;
 use crate::providers::keyfile::{KdfParams, KeyfileRoot, create_keyfile};
 use crate::providers::pkcs11::{Pkcs11Config, Pkcs11Root};
-use crate::store::SqliteStore;
+use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// Why a sidecar could not start: `Config` errors exit 2, `Runtime` errors exit 1.
 #[derive(Debug, thiserror::Error)]
@@ -300,15 +300,26 @@ pub fn pkcs11_pin(config: &Config, p: &Pkcs11Config) -> Result<secrecy::SecretSt
     }
 }
 
-/// Opens the configured store.
-pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, StartError> {
-    let path = config.sqlite_path();
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        ensure_private_dir(parent)?;
+/// Opens the configured store: the SQLite file, or the PostgreSQL database (connecting and
+/// migrating, bounded by `store.connect_timeout_seconds`).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    match config
+        .store_engine()
+        .map_err(|e| StartError::Config(e.to_string()))?
+    {
+        StoreEngine::Sqlite(path) => {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                ensure_private_dir(parent)?;
+            }
+            SqliteStore::open(&path)
+                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map_err(|e| StartError::Runtime(format!("store {}: {e}", path.display())))
+        }
+        StoreEngine::Postgres(options) => PostgresStore::connect(&options)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+            .map_err(|e| StartError::Runtime(format!("store {}: {e}", options.describe()))),
     }
-    SqliteStore::open(&path)
-        .map(Arc::new)
-        .map_err(|e| StartError::Runtime(format!("store {}: {e}", path.display())))
 }
 
 /// A sidecar serving in the background.
@@ -367,7 +378,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             .await
             .map_err(|e| StartError::Config(e.to_string()))?;
     }
-    let store = open_store(config)?;
+    let store = open_store(config).await?;
     let vault_store: Arc<dyn crate::vault::VaultStore> = store.clone();
     let store: Arc<dyn KeyringStore> = store;
     let keyring = Keyring::with_parts(

@@ -35,8 +35,8 @@ fn config(dir: &Path, name: &str, roots: &[&str]) -> (std::path::PathBuf, Config
     (path, c)
 }
 
-fn keyring(c: &Config) -> Keyring {
-    let store: Arc<dyn KeyringStore> = open_store(c).unwrap();
+async fn keyring(c: &Config) -> Keyring {
+    let store: Arc<dyn KeyringStore> = open_store(c).await.unwrap();
     let options = KeyringOptions {
         auto_create_tenants: true,
         ..KeyringOptions::default()
@@ -81,7 +81,7 @@ async fn root_rewrap_finishes_after_kill_9_at_any_point() {
     let (id_a, id_b) = (roots[0].id().to_string(), roots[1].id().to_string());
 
     // Tenants with two versions each, all wrapped under root A only.
-    let kr = keyring(&only_a);
+    let kr = keyring(&only_a).await;
     let mut sealed = Vec::new();
     for i in 0..TENANTS {
         let t = TenantId::parse(&format!("tenant-{i}")).unwrap();
@@ -142,7 +142,7 @@ async fn root_rewrap_finishes_after_kill_9_at_any_point() {
         // one wrap, under the target.
         let target_cfg = if target_is_b { &only_b } else { &only_a };
         let target_id = if target_is_b { &id_b } else { &id_a };
-        let kr = keyring(target_cfg);
+        let kr = keyring(target_cfg).await;
         for (t, ct, pt) in &sealed {
             let opened = kr
                 .open(t, Purpose::Data, b"", ct)
@@ -150,7 +150,7 @@ async fn root_rewrap_finishes_after_kill_9_at_any_point() {
                 .unwrap_or_else(|e| panic!("trial {trial}: {t}: {e}"));
             assert_eq!(opened.expose(), pt.as_bytes());
         }
-        let store = open_store(target_cfg).unwrap();
+        let store = open_store(target_cfg).await.unwrap();
         for t in store.tenants().await.unwrap() {
             for v in store.key_versions(&t.tenant).await.unwrap() {
                 assert_ne!(v.state, KeyState::Destroyed);

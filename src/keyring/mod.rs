@@ -11,8 +11,11 @@ pub use ring::{IssuedDataKey, Keyring, KeyringOptions, RootMove, TenantKeys};
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
 use crate::crypto::CryptoError;
 use crate::providers::{ProviderError, RootId};
@@ -129,6 +132,18 @@ pub struct KeyEvent {
     pub tenant: TenantId,
     pub kind: String,
 }
+
+/// What a store's change subscription tells the key ring: which cached state to drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// Another process (or this one) changed this tenant's keys: drop its cache entries.
+    Tenant(TenantId),
+    /// Changes may have been missed (the subscription was (re)established): drop everything.
+    All,
+}
+
+/// How many changes may wait in a subscription before the store waits for the key ring.
+const CHANGE_BACKLOG: usize = 1024;
 
 /// Outcome of a conditional rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +283,16 @@ pub trait KeyringStore: Send + Sync + 'static {
     /// The newest change-feed sequence number (0 when empty).
     async fn last_event(&self) -> Result<i64, StoreError>;
 
+    /// Changes made by any process sharing the store, as they become known, until the
+    /// receiver is dropped. The default polls `events_since` every `poll_every`; an engine
+    /// that can push (PostgreSQL's LISTEN/NOTIFY) overrides it. An engine that may have
+    /// missed changes (a lost connection) sends `StoreChange::All`.
+    fn subscribe(self: Arc<Self>, poll_every: Duration) -> mpsc::Receiver<StoreChange> {
+        let (tx, rx) = mpsc::channel(CHANGE_BACKLOG);
+        tokio::spawn(poll_change_feed(self, tx, poll_every));
+        rx
+    }
+
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
@@ -281,6 +306,44 @@ pub trait KeyringStore: Send + Sync + 'static {
         approver: &str,
         at: i64,
     ) -> Result<bool, StoreError>;
+}
+
+/// The default subscription: polls the change feed, which keeps its place across outages (a
+/// failed poll is retried from the same sequence number, so nothing is missed).
+async fn poll_change_feed<S: KeyringStore + ?Sized>(
+    store: Arc<S>,
+    tx: mpsc::Sender<StoreChange>,
+    every: Duration,
+) {
+    let pause = async |tx: &mpsc::Sender<StoreChange>| {
+        tokio::select! {
+            _ = tx.closed() => false,
+            _ = tokio::time::sleep(every) => true,
+        }
+    };
+    let mut last = loop {
+        match store.last_event().await {
+            Ok(seq) => break seq,
+            Err(e) => tracing::warn!(error = %e, "change feed unavailable"),
+        }
+        if !pause(&tx).await {
+            return;
+        }
+    };
+    while pause(&tx).await {
+        match store.events_since(last).await {
+            Ok(events) => {
+                for e in events {
+                    tracing::debug!(tenant = %e.tenant, kind = %e.kind, "change seen in the feed");
+                    last = e.seq;
+                    if tx.send(StoreChange::Tenant(e.tenant)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "change feed unavailable"),
+        }
+    }
 }
 
 /// Errors of key-ring operations.

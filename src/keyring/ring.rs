@@ -12,7 +12,7 @@ use moka::future::Cache;
 
 use super::{
     Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
-    ShredTarget, TenantRecord, Wrapping,
+    ShredTarget, StoreChange, TenantRecord, Wrapping,
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
@@ -22,6 +22,10 @@ use crate::providers::{
     ProviderError, RootFactory, RootId, RootProvider, WrapContext, WrapPurpose,
 };
 use crate::tenant::TenantId;
+
+/// Tries of a rotation that keeps losing to concurrent ones (each loss is another rotation's
+/// success, so this bounds a crowd of this size, not a livelock).
+const ROTATE_ATTEMPTS: u32 = 32;
 
 /// Above this size, sealing and opening move off the async reactor.
 const BLOCKING_THRESHOLD: usize = 64 * 1024;
@@ -346,7 +350,14 @@ impl Keyring {
     /// version is added per call.
     pub async fn rotate(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
         let store = &self.inner.store;
-        for _ in 0..5 {
+        for attempt in 0..ROTATE_ATTEMPTS {
+            if attempt > 0 {
+                // Each conflict means another rotation won; a short random pause keeps a crowd
+                // of rotators (several sidecars on one store) from colliding again in step.
+                let mut jitter = [0u8; 1];
+                crate::crypto::fill_random(&mut jitter)?;
+                tokio::time::sleep(Duration::from_millis(1 + u64::from(jitter[0] % 16))).await;
+            }
             let current = store
                 .tenant(tenant)
                 .await?
@@ -372,7 +383,9 @@ impl Keyring {
                 RotateOutcome::Conflict(_) => continue,
             }
         }
-        Err(KeyringError::Internal("rotation kept conflicting"))
+        Err(KeyringError::Refused(
+            "the tenant kept being rotated concurrently; retry".into(),
+        ))
     }
 
     /// Rotates every live tenant whose active version is older than `period_for(tenant)`.
@@ -620,31 +633,29 @@ impl Keyring {
         }
     }
 
-    /// Follows the store's change feed, dropping the caches of tenants changed by any process
-    /// sharing the store, until the returned task is aborted.
-    pub fn follow_changes(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Drops every cached key and tenant record.
+    pub fn invalidate_all(&self) {
+        self.inner.tenants.invalidate_all();
+        self.inner.keys.invalidate_all();
+    }
+
+    /// Follows the store's changes (pushed by the engine, or polled every `poll_every`),
+    /// dropping the caches of tenants changed by any process sharing the store, until the
+    /// returned task is aborted.
+    pub fn follow_changes(&self, poll_every: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        let mut changes = self.inner.store.clone().subscribe(poll_every);
         tokio::spawn(async move {
-            let mut last = loop {
-                match this.inner.store.last_event().await {
-                    Ok(seq) => break seq,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "change feed unavailable");
-                        tokio::time::sleep(every).await;
+            while let Some(change) = changes.recv().await {
+                match change {
+                    StoreChange::Tenant(t) => {
+                        this.invalidate(&t).await;
+                        tracing::debug!(tenant = %t, "cache dropped after a change");
                     }
-                }
-            };
-            loop {
-                tokio::time::sleep(every).await;
-                match this.inner.store.events_since(last).await {
-                    Ok(events) => {
-                        for e in events {
-                            this.invalidate(&e.tenant).await;
-                            tracing::debug!(tenant = %e.tenant, kind = %e.kind, "cache dropped after a change");
-                            last = e.seq;
-                        }
+                    StoreChange::All => {
+                        this.invalidate_all();
+                        tracing::info!("all caches dropped: store changes may have been missed");
                     }
-                    Err(e) => tracing::warn!(error = %e, "change feed unavailable"),
                 }
             }
         })

@@ -1,10 +1,15 @@
-//! Storage engines: tenants, wrapped key versions and sealed token values (never a plaintext
-//! key or value). One trait,
-//! `Store`, extends every layer's storage port; SQLite is the embedded default and PostgreSQL
-//! will implement the same trait. Knows nothing about HTTP or key unwrapping.
+//! Storage engines: tenants, wrapped key versions, approvals, the change feed and sealed token
+//! values (never a plaintext key or value). One trait, `Store`, extends every layer's storage
+//! port; SQLite is the embedded default, PostgreSQL serves a fleet of sidecars sharing one
+//! database. Both pass one behaviour suite (`suite.rs`). Knows nothing about HTTP or key
+//! unwrapping.
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::keyring::KeyringStore;

@@ -1,117 +1,30 @@
-//! The store behaviour suite, run here on SQLite. Written against `KeyringStore` only, so
-//! other engines run the same checks.
+//! The store behaviour suite (`suite.rs`) on SQLite, plus what only SQLite has: a file with a
+//! private mode, and `PRAGMA user_version`.
 
 use super::*;
-use crate::keyring::KeyState;
+use crate::store::suite::{self, Fresh, t, version};
 
-fn version(v: u32, roots: &[(&str, u8)]) -> KeyVersionRecord {
-    KeyVersionRecord {
-        version: v,
-        state: KeyState::Active,
-        created_at: 1_700_000_000,
-        wrappings: roots
-            .iter()
-            .map(|(r, b)| Wrapping {
-                root: RootId::new(*r),
-                blob: vec![*b; 61],
-            })
-            .collect(),
-    }
-}
-
-fn t(s: &str) -> TenantId {
-    TenantId::parse(s).unwrap()
-}
-
-async fn suite_create_then_read(store: &dyn KeyringStore) {
-    assert_eq!(store.tenant(&t("acme")).await.unwrap(), None);
-    let rec = store
-        .create_tenant(
-            &t("acme"),
-            42,
-            &version(1, &[("keyfile:aa", 1), ("keyfile:bb", 2)]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(rec.tenant, t("acme"));
-    assert_eq!(rec.active_version, 1);
-    assert_eq!(rec.created_at, 42);
-    let v = store.key_version(&t("acme"), 1).await.unwrap().unwrap();
-    assert_eq!(v, version(1, &[("keyfile:aa", 1), ("keyfile:bb", 2)]));
-    assert_eq!(store.key_version(&t("acme"), 2).await.unwrap(), None);
-    assert_eq!(store.key_versions(&t("acme")).await.unwrap(), vec![v]);
-    assert_eq!(store.key_versions(&t("other")).await.unwrap(), vec![]);
-}
-
-async fn suite_create_is_idempotent(store: &dyn KeyringStore) {
-    let a = store
-        .create_tenant(&t("dup"), 1, &version(1, &[("keyfile:aa", 1)]))
-        .await
-        .unwrap();
-    let b = store
-        .create_tenant(&t("dup"), 2, &version(1, &[("keyfile:aa", 9)]))
-        .await
-        .unwrap();
-    assert_eq!(a, b, "the second creator gets the first one's tenant");
-    let stored = store.key_version(&t("dup"), 1).await.unwrap().unwrap();
-    assert_eq!(
-        stored.wrappings[0].blob,
-        vec![1; 61],
-        "the first wrap is kept"
-    );
-}
-
-async fn suite_lists_tenants_in_order(store: &dyn KeyringStore) {
-    for name in ["zeta", "alpha", "mid"] {
-        store
-            .create_tenant(&t(name), 1, &version(1, &[("keyfile:aa", 1)]))
-            .await
-            .unwrap();
-    }
-    let names: Vec<String> = store
-        .tenants()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.tenant.to_string())
-        .collect();
-    assert_eq!(names, ["alpha", "mid", "zeta"]);
-    store.health().await.unwrap();
-}
-
-fn fresh() -> (tempfile::TempDir, SqliteStore) {
+/// Two connections on one new database file.
+async fn fresh() -> Option<Fresh> {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
-    (dir, store)
+    let path = dir.path().join("store.db");
+    let a = SqliteStore::open(&path).unwrap();
+    let b = SqliteStore::open(&path).unwrap();
+    Some((Box::new(dir), Arc::new(a), Arc::new(b)))
 }
 
-#[tokio::test]
-async fn create_then_read() {
-    let (_d, s) = fresh();
-    suite_create_then_read(&s).await;
-}
-
-#[tokio::test]
-async fn create_is_idempotent() {
-    let (_d, s) = fresh();
-    suite_create_is_idempotent(&s).await;
-}
-
-#[tokio::test]
-async fn lists_tenants_in_order() {
-    let (_d, s) = fresh();
-    suite_lists_tenants_in_order(&s).await;
-}
+suite::store_suite!(fresh);
 
 #[tokio::test]
 async fn data_survives_reopen_and_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
-    let (dir, s) = fresh();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let s = SqliteStore::open(&path).unwrap();
     s.create_tenant(&t("keep"), 7, &version(1, &[("keyfile:aa", 3)]))
         .await
         .unwrap();
     drop(s);
-    let path = dir.path().join("store.db");
     let again = SqliteStore::open(&path).unwrap();
     assert_eq!(
         again.tenant(&t("keep")).await.unwrap().unwrap().created_at,
@@ -122,8 +35,9 @@ async fn data_survives_reopen_and_file_is_private() {
 }
 
 #[tokio::test]
-async fn concurrent_creators_end_with_one_tenant() {
-    let (_d, s) = fresh();
+async fn concurrent_creators_on_one_connection_end_with_one_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("store.db")).unwrap();
     let mut tasks = Vec::new();
     for i in 0..32u8 {
         let s = s.clone();

@@ -349,3 +349,414 @@ pub fn unb64(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
+
+/// The server the PostgreSQL tests use (scripts/test.sh starts one and sets it).
+pub const PG_ENV: &str = "KMS_TEST_PG";
+
+fn pg_required() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// The same URL with another database name.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+/// A new, empty database of its own on the test server, dropped with this value. `None` (the
+/// test is skipped) when `KMS_TEST_PG` is unset, except under `CI=true`, where that
+/// fails the test.
+pub struct PgDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> Option<PgDatabase> {
+        let admin_url = match std::env::var(PG_ENV) {
+            Ok(u) => u,
+            Err(_) if pg_required() => {
+                panic!("{PG_ENV} is not set under CI=true: the PostgreSQL tests must run")
+            }
+            Err(_) => {
+                eprintln!("skipped: {PG_ENV} is not set (scripts/test.sh starts a server)");
+                return None;
+            }
+        };
+        let name = format!("kms_it_{}", hex::encode(rand_bytes::<8>()));
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{PG_ENV}: cannot connect: {e}"));
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Some(PgDatabase {
+            url: with_database(&admin_url, &name),
+            admin_url,
+            name,
+        })
+    }
+
+    /// The `[store]` table pointing a sidecar at this database.
+    pub fn toml(&self) -> String {
+        store_toml(&self.url)
+    }
+}
+
+pub fn store_toml(url: &str) -> String {
+    format!("[store]\nurl = {url:?}\nconnect_timeout_seconds = 2\nstatement_timeout_seconds = 2\n")
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot block on itself.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn rand_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+/// A PostgreSQL server of a test's own (for tests that stop it), in a temp dir on 127.0.0.1
+/// and a free port, run as the `postgres` user when this process is root. Stopped and removed
+/// on drop.
+pub struct PgCluster {
+    dir: TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    pub url: String,
+    /// Extra server options (`-c ssl=on …`).
+    extra: String,
+}
+
+fn pg_bin_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("KMS_TEST_PG_BIN") {
+        return Some(PathBuf::from(d));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+impl PgCluster {
+    pub fn start() -> Option<PgCluster> {
+        let cluster = Self::init()?;
+        cluster.resume();
+        Some(cluster)
+    }
+
+    /// A server with TLS on: a new CA (returned, PEM) signed its certificate for the host name
+    /// `localhost` only. Made with the openssl command.
+    pub fn start_tls() -> Option<(PgCluster, PathBuf)> {
+        let mut cluster = Self::init()?;
+        let dir = cluster.dir.path().to_owned();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .output()
+                .expect("the openssl command");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kms-sidecar test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        if nix::unistd::geteuid().is_root() {
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("a postgres user");
+            for f in ["server.key", "server.pem"] {
+                std::os::unix::fs::chown(dir.join(f), Some(pg.uid.as_raw()), Some(pg.gid.as_raw()))
+                    .unwrap();
+            }
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        cluster.extra = format!(
+            " -c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+            dir.display()
+        );
+        cluster.resume();
+        Some((cluster, dir.join("ca.pem")))
+    }
+
+    fn init() -> Option<PgCluster> {
+        let Some(bin) = pg_bin_dir() else {
+            if pg_required() {
+                panic!("PostgreSQL server binaries not found under CI=true");
+            }
+            eprintln!("skipped: no PostgreSQL server binaries (apt-get install postgresql)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("a postgres user");
+            std::os::unix::fs::chown(dir.path(), Some(pg.uid.as_raw()), Some(pg.gid.as_raw()))
+                .unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PgCluster {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+            port,
+            extra: String::new(),
+        };
+        let data = cluster.data();
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        Some(cluster)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn resume(&self) {
+        let data = self.data();
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
+            self.port,
+            self.dir.path().display(),
+            self.extra
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-o", &opts, "-l", &log, "-w", "start"],
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended, as in a restart or failover).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let _ = cmd.args(["-D", &data, "-m", "immediate", "stop"]).output();
+    }
+}
+
+/// A sidecar as a separate process (the built binary), with its own data dir and socket and a
+/// root keyfile it may share with others.
+pub struct SidecarProcess {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    child: std::process::Child,
+}
+
+impl SidecarProcess {
+    pub async fn spawn(root_key: &Path, extra_toml: &str) -> SidecarProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let socket = dir.path().join("s.sock");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let toml = format!(
+            "data_dir = {:?}\nauto_create_tenants = true\n{extra_toml}\n[listen]\nunix_socket = {:?}\n\n[[roots]]\nkind = \"keyfile\"\npath = {:?}\n{}",
+            data.display().to_string(),
+            socket.display().to_string(),
+            root_key.display().to_string(),
+            default_principals(Some(uid())),
+        );
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kms-sidecar"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("KMS_SIDECAR_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut p = SidecarProcess { dir, socket, child };
+        let started = std::time::Instant::now();
+        while !p.socket.exists() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("sidecar exited with {status}: {}", p.stderr());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "sidecar did not start: {}",
+                p.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// JSON POST over the socket, as the socket's uid or as a bearer token.
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let stream = UnixStream::connect(&self.socket).await.unwrap();
+        send(
+            stream,
+            "POST",
+            path,
+            &headers,
+            Bytes::from(body.to_string()),
+        )
+        .await
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
