@@ -48,6 +48,20 @@ fn benches(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        g.bench_function(BenchmarkId::new("raw_ring_encrypt", n), |b| {
+            let key = ring::aead::LessSafeKey::new(
+                ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[7; 32]).unwrap(),
+            );
+            let mut buf = pt.clone();
+            b.iter(|| {
+                key.seal_in_place_separate_tag(
+                    ring::aead::Nonce::assume_unique_for_key([1; 12]),
+                    ring::aead::Aad::from(b"order-7"),
+                    &mut buf,
+                )
+                .unwrap()
+            })
+        });
         g.bench_function(BenchmarkId::new("raw_aes_gcm_decrypt", n), |b| {
             let mut sealed = pt.clone();
             let tag = raw

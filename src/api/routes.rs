@@ -7,7 +7,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,6 +19,7 @@ use super::AppState;
 use super::auth::{Operation, Peer, Principal};
 use super::error::ApiError;
 use crate::audit::Record;
+use crate::crypto::envelope::SealBuffer;
 use crate::crypto::{Purpose, SecretBytes};
 use crate::keyring::{Approval, ShredTarget};
 use crate::tenant::TenantId;
@@ -717,20 +718,23 @@ async fn dispatch(
         }
         None => None,
     };
-    let body = read_body(req, state.limits.max_body_bytes).await?;
+    // An octet-stream seal reads its body straight into the envelope's buffer, after room for
+    // the header, and is sealed in place.
+    let headroom = if octets && action == Action::Seal {
+        crate::crypto::envelope::HEADER_LEN
+    } else {
+        0
+    };
+    let body = read_body(req, state.limits.max_body_bytes, headroom).await?;
     let kr = &state.keyring;
     let empty_body = body.iter().all(u8::is_ascii_whitespace);
 
     match action {
         Action::Seal if octets => {
             let aad = header_aad.unwrap_or_default();
+            let plaintext = SealBuffer::from_headroom(body).map_err(|_| ApiError::Internal)?;
             let (ct, version) = kr
-                .seal(
-                    &tenant,
-                    Purpose::Data,
-                    &aad,
-                    SecretBytes::new(body.to_vec()),
-                )
+                .seal_buffer(&tenant, Purpose::Data, &aad, plaintext)
                 .await?;
             trail.key_version = Some(version);
             let mut resp = Response::new(Full::new(Bytes::from(ct)));
@@ -742,7 +746,7 @@ async fn dispatch(
         }
         Action::Open if octets => {
             let aad = header_aad.unwrap_or_default();
-            let pt = kr.open(&tenant, Purpose::Data, &aad, &body).await?;
+            let pt = kr.open_owned(&tenant, Purpose::Data, &aad, body).await?;
             let mut resp = Response::new(Full::new(zeroizing_bytes(pt.into_zeroizing())));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(OCTETS));
@@ -1022,11 +1026,16 @@ async fn seal_item(
     tenant: &TenantId,
     item: SealItem,
 ) -> Result<Sealed, ApiError> {
-    let plaintext = decode("plaintext", item.plaintext.expose_secret().as_bytes())?;
+    // Decoded straight into the envelope's buffer (sealed in place). The capacity covers the
+    // decoder's estimate, so it never reallocates and leaves no copy of the plaintext behind.
+    let b64 = item.plaintext.expose_secret().as_bytes();
+    let mut plaintext = SealBuffer::with_capacity(base64::decoded_len_estimate(b64.len()));
+    B64.decode_vec(b64, plaintext.as_mut_vec())
+        .map_err(|_| ApiError::InvalidBase64("plaintext"))?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
     let (ct, key_version) = state
         .keyring
-        .seal(tenant, Purpose::Data, &aad, SecretBytes::from(plaintext))
+        .seal_buffer(tenant, Purpose::Data, &aad, plaintext)
         .await?;
     Ok(Sealed {
         ciphertext: B64.encode(ct),
@@ -1041,7 +1050,10 @@ async fn open_item(
 ) -> Result<SecretBytes, ApiError> {
     let ct = decode("ciphertext", item.ciphertext.as_bytes())?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
-    Ok(state.keyring.open(tenant, Purpose::Data, &aad, &ct).await?)
+    Ok(state
+        .keyring
+        .open_owned(tenant, Purpose::Data, &aad, ct)
+        .await?)
 }
 
 async fn rewrap_item(
@@ -1192,30 +1204,60 @@ fn request_id(req: &Request<Incoming>) -> String {
     hex::encode(raw)
 }
 
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
-        let len: usize = std::str::from_utf8(len.as_bytes())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ApiError::InvalidRequest("bad content-length".into()))?;
-        if len > max {
-            return Err(ApiError::BodyTooLarge { max });
+async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    headroom: usize,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let declared = match req.headers().get(CONTENT_LENGTH) {
+        Some(len) => {
+            let len: usize = std::str::from_utf8(len.as_bytes())
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ApiError::InvalidRequest("bad content-length".into()))?;
+            if len > max {
+                return Err(ApiError::BodyTooLarge { max });
+            }
+            len
         }
-    }
+        None => 0,
+    };
+    // With headroom the buffer becomes an envelope: keep room for its tag too.
+    let tail = if headroom > 0 {
+        crate::crypto::envelope::TAG_LEN
+    } else {
+        0
+    };
+    let mut buf = Zeroizing::new(Vec::with_capacity(headroom + declared + tail));
+    buf.resize(headroom, 0);
+    let mut body = req.into_body();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| ApiError::InvalidRequest("could not read the request body".into()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() - headroom + data.len() > max {
+                return Err(ApiError::BodyTooLarge { max });
+            }
+            let needed = buf.len() + data.len() + tail;
+            if needed > buf.capacity() {
+                // Grow by hand so the old buffer is zeroized, not freed with body bytes in it.
+                let cap = needed.max(buf.capacity() * 2).min(headroom + max + tail);
+                let mut grown = Zeroizing::new(Vec::with_capacity(cap));
+                grown.extend_from_slice(&buf);
+                buf = grown;
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
     // A body trickled byte by byte must not hold the request (and its in-flight slot) forever.
-    let collected = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        Limited::new(req.into_body(), max).collect(),
-    )
-    .await
-    .map_err(|_| ApiError::InvalidRequest("the request body arrived too slowly".into()))?;
-    match collected {
-        Ok(collected) => Ok(Zeroizing::new(Vec::from(collected.to_bytes()))),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge { max }),
-        Err(_) => Err(ApiError::InvalidRequest(
-            "could not read the request body".into(),
-        )),
-    }
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| ApiError::InvalidRequest("the request body arrived too slowly".into()))??;
+    Ok(buf)
 }
 
 /// Parses JSON without ever echoing input values: serde's messages for type errors can quote

@@ -2,9 +2,8 @@
 //! Knows nothing about tenants' storage, key caches or HTTP: it gets a key and a context, and
 //! either produces bytes or says "decrypt failed" without saying why.
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -104,21 +103,139 @@ impl<'a> Envelope<'a> {
 
     /// Opens the envelope with `key`. Every failure is the same `DecryptFailed`.
     pub fn open(&self, key: &DataKey, ctx: &SealContext<'_>) -> Result<SecretBytes, CryptoError> {
+        let (cipher, nonce, aad) = self.opener(key, ctx)?;
+        let tag = Tag::try_from(self.tag).map_err(|_| CryptoError::DecryptFailed)?;
+        // Zeroizing from the start: a failed open may leave unverified plaintext in the buffer.
+        let mut out = Zeroizing::new(self.body.to_vec());
+        cipher
+            .open_in_place_separate_tag(nonce, Aad::from(aad), tag, out.as_mut_slice(), 0..)
+            .map_err(|_| CryptoError::DecryptFailed)?;
+        Ok(SecretBytes::from(out))
+    }
+
+    /// Checks the commitment and derives the cipher, nonce and AAD for this envelope.
+    fn opener(
+        &self,
+        key: &DataKey,
+        ctx: &SealContext<'_>,
+    ) -> Result<(LessSafeKey, Nonce, Vec<u8>), CryptoError> {
         let okm = derive(key, &self.prefix, self.salt)?;
         let (enc_key, nonce, commitment) = split_okm(&okm);
         if !bool::from(commitment.ct_eq(self.commitment)) {
             return Err(CryptoError::DecryptFailed);
         }
-        let aad = build_aad(self.header, ctx);
-        let cipher = Aes256Gcm::new_from_slice(enc_key).map_err(|_| CryptoError::DecryptFailed)?;
-        let nonce = Nonce::try_from(nonce).map_err(|_| CryptoError::DecryptFailed)?;
-        let tag = Tag::try_from(self.tag).map_err(|_| CryptoError::DecryptFailed)?;
-        let mut out = Zeroizing::new(self.body.to_vec());
-        cipher
-            .decrypt_inout_detached(&nonce, &aad, out.as_mut_slice().into(), &tag)
-            .map_err(|_| CryptoError::DecryptFailed)?;
-        Ok(SecretBytes::from(out))
+        let cipher = aead_key(enc_key).map_err(|_| CryptoError::DecryptFailed)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::DecryptFailed)?;
+        Ok((cipher, nonce, build_aad(self.header, ctx)))
     }
+}
+
+/// Opens an envelope held in an owned buffer, decrypting in place: the plaintext is returned
+/// in the same allocation, so a large body is never copied. Every failure is `DecryptFailed`
+/// (or `Malformed` for bytes that are not an envelope), and the buffer is zeroized on failure.
+pub fn open_owned(
+    key: &DataKey,
+    ctx: &SealContext<'_>,
+    envelope: Zeroizing<Vec<u8>>,
+) -> Result<SecretBytes, CryptoError> {
+    let mut buf = envelope;
+    let (cipher, nonce, aad) = {
+        let env = Envelope::parse(&buf)?;
+        env.opener(key, ctx)?
+    };
+    let len = cipher
+        .open_within(nonce, Aad::from(aad), buf.as_mut_slice(), HEADER_LEN..)
+        .map_err(|_| CryptoError::DecryptFailed)?
+        .len();
+    buf.truncate(len);
+    Ok(SecretBytes::from(buf))
+}
+
+/// A plaintext laid out for sealing in place: room for the header in front and the tag behind,
+/// so that sealing needs no second buffer. Zeroized on drop.
+pub struct SealBuffer(Zeroizing<Vec<u8>>);
+
+impl SealBuffer {
+    /// An empty plaintext with room for `plaintext_len` bytes.
+    pub fn with_capacity(plaintext_len: usize) -> Self {
+        let mut buf = Zeroizing::new(Vec::with_capacity(OVERHEAD.saturating_add(plaintext_len)));
+        buf.resize(HEADER_LEN, 0);
+        SealBuffer(buf)
+    }
+
+    /// A buffer whose first `HEADER_LEN` bytes are headroom and the rest the plaintext (e.g. a
+    /// request body read with that headroom). Keep `TAG_LEN` spare capacity to avoid a copy.
+    pub fn from_headroom(buf: Zeroizing<Vec<u8>>) -> Result<Self, CryptoError> {
+        if buf.len() < HEADER_LEN {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(SealBuffer(buf))
+    }
+
+    /// A copy of `plaintext`.
+    pub fn from_plaintext(plaintext: &[u8]) -> Self {
+        let mut b = SealBuffer::with_capacity(plaintext.len());
+        b.extend_from_slice(plaintext);
+        b
+    }
+
+    /// Appends plaintext. Growing moves the bytes to a new buffer and zeroizes the old one, so
+    /// no partial plaintext is left behind in freed memory.
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.reserve(bytes.len());
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Makes room for `additional` more plaintext bytes plus the tag, without leaving copies.
+    pub fn reserve(&mut self, additional: usize) {
+        let needed = self
+            .0
+            .len()
+            .saturating_add(additional)
+            .saturating_add(TAG_LEN);
+        if needed > self.0.capacity() {
+            let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(self.0.capacity() * 2)));
+            grown.extend_from_slice(&self.0);
+            // The old buffer is zeroized as it drops.
+            self.0 = grown;
+        }
+    }
+
+    /// The underlying vector, for decoders that append (e.g. base64's `decode_vec`): call
+    /// `reserve` with an upper bound of what they write first, so that they never reallocate.
+    /// Its first `HEADER_LEN` bytes are reserved: write only past them.
+    pub fn as_mut_vec(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+
+    /// The plaintext written so far.
+    pub fn plaintext(&self) -> &[u8] {
+        self.0.get(HEADER_LEN..).unwrap_or_default()
+    }
+
+    pub fn plaintext_len(&self) -> usize {
+        self.0.len().saturating_sub(HEADER_LEN)
+    }
+}
+
+impl std::fmt::Debug for SealBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealBuffer({} bytes)", self.plaintext_len())
+    }
+}
+
+/// Seals the plaintext in `buf` in place (fresh random salt) and returns the envelope, in the
+/// same allocation.
+pub fn seal_buffer(
+    key: &DataKey,
+    key_version: u32,
+    ctx: &SealContext<'_>,
+    buf: SealBuffer,
+) -> Result<Vec<u8>, CryptoError> {
+    let mut salt = [0u8; SALT_LEN];
+    fill_random(&mut salt)?;
+    seal_buffer_with_salt(key, key_version, ctx, buf, &salt)
 }
 
 /// Seals `plaintext` under `key` (version `key_version`) with a fresh random salt.
@@ -143,6 +260,22 @@ pub fn seal_with_salt(
     plaintext: &[u8],
     salt: &[u8; SALT_LEN],
 ) -> Result<Vec<u8>, CryptoError> {
+    seal_buffer_with_salt(
+        key,
+        key_version,
+        ctx,
+        SealBuffer::from_plaintext(plaintext),
+        salt,
+    )
+}
+
+fn seal_buffer_with_salt(
+    key: &DataKey,
+    key_version: u32,
+    ctx: &SealContext<'_>,
+    buf: SealBuffer,
+    salt: &[u8; SALT_LEN],
+) -> Result<Vec<u8>, CryptoError> {
     if key_version == 0 {
         return Err(CryptoError::Malformed);
     }
@@ -153,21 +286,33 @@ pub fn seal_with_salt(
     let okm = derive(key, &prefix, salt)?;
     let (enc_key, nonce, commitment) = split_okm(&okm);
 
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
-    out.extend_from_slice(&prefix);
-    out.extend_from_slice(salt);
-    out.extend_from_slice(commitment);
-    let aad = build_aad(&out, ctx);
-    out.extend_from_slice(plaintext);
+    let mut out = buf.0;
+    let header = out.get_mut(..HEADER_LEN).ok_or(CryptoError::Malformed)?;
+    let (p, rest) = header.split_at_mut(prefix.len());
+    p.copy_from_slice(&prefix);
+    let (s, c) = rest.split_at_mut(SALT_LEN);
+    s.copy_from_slice(salt);
+    c.copy_from_slice(commitment);
+    let aad = build_aad(&out[..HEADER_LEN], ctx);
 
-    let cipher = Aes256Gcm::new_from_slice(enc_key).map_err(|_| CryptoError::KeyLength)?;
-    let nonce = Nonce::try_from(nonce).map_err(|_| CryptoError::KeyLength)?;
+    let cipher = aead_key(enc_key)?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::KeyLength)?;
     let tag = cipher
-        .encrypt_inout_detached(&nonce, &aad, (&mut out[HEADER_LEN..]).into())
+        .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[HEADER_LEN..])
         // Only fails past GCM's 2^36-byte plaintext limit, far beyond any body limit.
         .map_err(|_| CryptoError::Malformed)?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    out.extend_from_slice(tag.as_ref());
+    // The buffer now holds only ciphertext: hand it out without the zeroizing wrapper.
+    Ok(std::mem::take(&mut *out))
+}
+
+/// The AES-256-GCM key for one message. ring does not zeroize its key schedule on drop; the key
+/// is a per-message key derived by HKDF (it opens this one message only), and its bytes in `okm`
+/// are zeroized by the caller.
+fn aead_key(enc_key: &[u8]) -> Result<LessSafeKey, CryptoError> {
+    UnboundKey::new(&AES_256_GCM, enc_key)
+        .map(LessSafeKey::new)
+        .map_err(|_| CryptoError::KeyLength)
 }
 
 fn derive(

@@ -204,3 +204,60 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// The in-place paths give the same bytes as the copying ones, grown buffers included.
+    #[test]
+    fn in_place_seal_and_open_match_the_copying_paths(
+        pt in proptest::collection::vec(any::<u8>(), 0..3000),
+        split in 0usize..3000,
+        salt in any::<[u8; SALT_LEN]>(),
+    ) {
+        let t = tenant("acme");
+        let c = ctx(&t, b"aad");
+        let copied = seal_with_salt(&key(1), 3, &c, &pt, &salt).unwrap();
+        // Start small and grow in two steps, as a chunked request body does.
+        let cut = split.min(pt.len());
+        let mut buf = SealBuffer::with_capacity(1);
+        buf.extend_from_slice(&pt[..cut]);
+        buf.extend_from_slice(&pt[cut..]);
+        prop_assert_eq!(buf.plaintext(), &pt[..]);
+        let in_place = seal_buffer_with_salt(&key(1), 3, &c, buf, &salt).unwrap();
+        prop_assert_eq!(&in_place, &copied);
+        let opened = open_owned(&key(1), &c, Zeroizing::new(in_place)).unwrap();
+        prop_assert_eq!(opened.expose(), &pt[..]);
+    }
+
+    /// A flipped bit anywhere makes the in-place open fail like the copying one.
+    #[test]
+    fn in_place_open_rejects_any_flipped_bit(
+        pt in proptest::collection::vec(any::<u8>(), 0..200),
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let t = tenant("acme");
+        let c = ctx(&t, b"");
+        let mut ct = seal(&key(1), 1, &c, &pt).unwrap();
+        let i = at.index(ct.len());
+        ct[i] ^= 1 << bit;
+        let err = open_owned(&key(1), &c, Zeroizing::new(ct)).unwrap_err();
+        prop_assert!(matches!(err, CryptoError::DecryptFailed | CryptoError::Malformed));
+    }
+}
+
+#[test]
+fn seal_buffer_from_headroom_needs_the_header_room() {
+    assert_eq!(
+        SealBuffer::from_headroom(Zeroizing::new(vec![0; HEADER_LEN - 1])).unwrap_err(),
+        CryptoError::Malformed
+    );
+    let mut raw = vec![0; HEADER_LEN];
+    raw.extend_from_slice(b"hello");
+    let buf = SealBuffer::from_headroom(Zeroizing::new(raw)).unwrap();
+    assert_eq!(buf.plaintext(), b"hello");
+    let t = tenant("acme");
+    let ct = seal_buffer(&key(2), 1, &ctx(&t, b""), buf).unwrap();
+    assert_eq!(open(&ct, &key(2), &ctx(&t, b"")).unwrap(), b"hello");
+}

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
+use zeroize::Zeroizing;
 
 use super::{
     Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
     ShredTarget, StoreChange, TenantRecord, Wrapping,
 };
-use crate::crypto::envelope::{self, Envelope, Purpose, SealContext};
+use crate::crypto::envelope::{self, Envelope, Purpose, SealBuffer, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
 use crate::metrics::{CacheKind, Metrics};
 use crate::providers::metered::Metered;
@@ -28,7 +29,7 @@ use crate::tenant::TenantId;
 const ROTATE_ATTEMPTS: u32 = 32;
 
 /// Above this size, sealing and opening move off the async reactor.
-const BLOCKING_THRESHOLD: usize = 64 * 1024;
+const BLOCKING_THRESHOLD: usize = 256 * 1024;
 
 /// How a key ring behaves.
 #[derive(Debug, Clone)]
@@ -183,12 +184,25 @@ impl Keyring {
         aad: &[u8],
         plaintext: SecretBytes,
     ) -> Result<(Vec<u8>, u32), KeyringError> {
+        let buf = SealBuffer::from_plaintext(plaintext.expose());
+        drop(plaintext);
+        self.seal_buffer(tenant, purpose, aad, buf).await
+    }
+
+    /// Like `seal`, sealing in place in a buffer the caller filled (no copy of the plaintext).
+    pub async fn seal_buffer(
+        &self,
+        tenant: &TenantId,
+        purpose: Purpose,
+        aad: &[u8],
+        plaintext: SealBuffer,
+    ) -> Result<(Vec<u8>, u32), KeyringError> {
         let record = self
             .tenant(tenant, self.inner.options.auto_create_tenants)
             .await?;
         let version = record.active_version;
         let key = self.version_key(&record, version).await?;
-        let ct = if plaintext.len() > BLOCKING_THRESHOLD {
+        let ct = if plaintext.plaintext_len() > BLOCKING_THRESHOLD {
             let tenant = tenant.clone();
             let aad = aad.to_vec();
             tokio::task::spawn_blocking(move || {
@@ -197,7 +211,7 @@ impl Keyring {
                     purpose,
                     aad: &aad,
                 };
-                envelope::seal(&key, version, &ctx, plaintext.expose())
+                envelope::seal_buffer(&key, version, &ctx, plaintext)
             })
             .await
             .map_err(|_| KeyringError::Internal("sealing task failed"))??
@@ -207,7 +221,7 @@ impl Keyring {
                 purpose,
                 aad,
             };
-            envelope::seal(&key, version, &ctx, plaintext.expose())?
+            envelope::seal_buffer(&key, version, &ctx, plaintext)?
         };
         Ok((ct, version))
     }
@@ -223,29 +237,36 @@ impl Keyring {
         ciphertext: &[u8],
     ) -> Result<SecretBytes, KeyringError> {
         let env = Envelope::parse(ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
-        let record = self.tenant(tenant, false).await?;
-        let version = env.key_version();
-        if version > record.active_version {
-            return Err(KeyringError::DecryptFailed);
+        if env.plaintext_len() > BLOCKING_THRESHOLD {
+            return self
+                .open_owned(tenant, purpose, aad, Zeroizing::new(ciphertext.to_vec()))
+                .await;
         }
-        if version < record.min_decrypt_version {
-            return Err(KeyringError::KeyVersionRetired);
-        }
-        let key = match self.version_key(&record, version).await {
-            Ok(k) => k,
-            Err(KeyringError::KeyUnwrapFailed { .. })
-            | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
-                return Err(KeyringError::DecryptFailed);
-            }
-            Err(e) => return Err(e),
-        };
+        let key = self.opening_key(tenant, env.key_version()).await?;
         let ctx = SealContext {
             tenant,
             purpose,
             aad,
         };
-        if env.plaintext_len() > BLOCKING_THRESHOLD {
-            let owned = ciphertext.to_vec();
+        env.open(&key, &ctx)
+            .map_err(|_| KeyringError::DecryptFailed)
+    }
+
+    /// Like `open`, decrypting in place in the caller's buffer (no copy of the ciphertext); the
+    /// plaintext comes back in the same allocation.
+    pub async fn open_owned(
+        &self,
+        tenant: &TenantId,
+        purpose: Purpose,
+        aad: &[u8],
+        ciphertext: Zeroizing<Vec<u8>>,
+    ) -> Result<SecretBytes, KeyringError> {
+        let (version, len) = {
+            let env = Envelope::parse(&ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
+            (env.key_version(), env.plaintext_len())
+        };
+        let key = self.opening_key(tenant, version).await?;
+        if len > BLOCKING_THRESHOLD {
             let tenant = tenant.clone();
             let aad = aad.to_vec();
             return tokio::task::spawn_blocking(move || {
@@ -254,14 +275,41 @@ impl Keyring {
                     purpose,
                     aad: &aad,
                 };
-                Envelope::parse(&owned).and_then(|e| e.open(&key, &ctx))
+                envelope::open_owned(&key, &ctx, ciphertext)
             })
             .await
             .map_err(|_| KeyringError::DecryptFailed)?
             .map_err(|_| KeyringError::DecryptFailed);
         }
-        env.open(&key, &ctx)
-            .map_err(|_| KeyringError::DecryptFailed)
+        let ctx = SealContext {
+            tenant,
+            purpose,
+            aad,
+        };
+        envelope::open_owned(&key, &ctx, ciphertext).map_err(|_| KeyringError::DecryptFailed)
+    }
+
+    /// The key that opens `version` of `tenant`, with the checks every open makes first.
+    async fn opening_key(
+        &self,
+        tenant: &TenantId,
+        version: u32,
+    ) -> Result<Arc<DataKey>, KeyringError> {
+        let record = self.tenant(tenant, false).await?;
+        if version > record.active_version {
+            return Err(KeyringError::DecryptFailed);
+        }
+        if version < record.min_decrypt_version {
+            return Err(KeyringError::KeyVersionRetired);
+        }
+        match self.version_key(&record, version).await {
+            Ok(k) => Ok(k),
+            Err(KeyringError::KeyUnwrapFailed { .. })
+            | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
+                Err(KeyringError::DecryptFailed)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Re-seals a ciphertext under the active version; the plaintext never leaves the sidecar.
