@@ -30,6 +30,10 @@ pub struct Config {
     /// tracing filter, e.g. `info` or `kms_sidecar=debug`.
     #[serde(default = "default_log")]
     pub log: String,
+    /// Threads serving requests; 0 (default) means one per CPU core. A sidecar sharing a small
+    /// machine with its application may want fewer.
+    #[serde(default)]
+    pub worker_threads: usize,
     #[serde(default)]
     pub listen: ListenConfig,
     #[serde(default)]
@@ -593,6 +597,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.socket_mode()?;
+        if self.worker_threads > 256 {
+            return Err(ConfigError("worker_threads must be at most 256".into()));
+        }
         if self.limits.max_body_bytes == 0 {
             return Err(ConfigError("limits.max_body_bytes must be positive".into()));
         }

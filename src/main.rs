@@ -279,8 +279,16 @@ fn load_config(cli: &Cli) -> Result<Config, StartError> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    runtime_with(0)
+}
+
+/// A runtime with `workers` threads (0: one per core).
+fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime, StartError> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
         .build()
         .map_err(|e| StartError::Runtime(format!("cannot start the runtime: {e}")))
 }
@@ -310,7 +318,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
             } else {
                 None
             };
-            runtime()?.block_on(serve(config, dev))
+            runtime_with(config.worker_threads)?.block_on(serve(config, dev))
         }
         Command::Keyfile {
             command:

@@ -37,7 +37,7 @@ async fn seal_then_open_round_trips_over_the_socket() {
 async fn octet_stream_round_trips_with_aad_header() {
     let s = Sidecar::start().await;
     // Above the size that moves sealing off the reactor and is sealed in place.
-    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let aad = b64(b"ctx");
     let r = s
         .unix(

@@ -9,7 +9,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::keys::{DataKey, SecretBytes};
-use super::{CryptoError, fill_random};
+use super::{CryptoError, fill_public_random};
 use crate::tenant::TenantId;
 
 pub const VERSION_1: u8 = 0x01;
@@ -234,7 +234,7 @@ pub fn seal_buffer(
     buf: SealBuffer,
 ) -> Result<Vec<u8>, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
-    fill_random(&mut salt)?;
+    fill_public_random(&mut salt)?;
     seal_buffer_with_salt(key, key_version, ctx, buf, &salt)
 }
 
@@ -246,7 +246,7 @@ pub fn seal(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
-    fill_random(&mut salt)?;
+    fill_public_random(&mut salt)?;
     seal_with_salt(key, key_version, ctx, plaintext, &salt)
 }
 
