@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Turns the RESULT lines of scripts/bench.sh into the Markdown tables of the README."""
+import sys
+
+
+def parse(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if not parts or parts[0] != "RESULT":
+                continue
+            rows.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
+    return rows
+
+
+def num(v, fmt="{:,.0f}"):
+    try:
+        return fmt.format(float(v))
+    except (TypeError, ValueError):
+        return "-"
+
+
+def ms(us):
+    try:
+        return f"{float(us) / 1000:.2f}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def main():
+    rows = parse(sys.argv[1])
+    by = {}
+    for r in rows:
+        by[(r.get("label"), r.get("op"), r.get("size"), r.get("conns"))] = r
+
+    matrix = [r for r in rows if r.get("label") == "sidecar-unix"]
+    if matrix:
+        print("| op | size | conns | sidecar unix req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req "
+              "| sidecar TCP req/s | OpenBao req/s | OpenBao p99 ms | OpenBao CPU µs/req "
+              "| unix ÷ OpenBao | TCP ÷ OpenBao |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for u in matrix:
+            key = (u["op"], u["size"], u["conns"])
+            t = by.get(("sidecar-tcp",) + key, {})
+            b = by.get(("openbao",) + key, {})
+            try:
+                ratio_u = f"{float(u['rps']) / float(b['rps']):.1f}×"
+                ratio_t = f"{float(t['rps']) / float(b['rps']):.1f}×"
+            except (KeyError, ValueError, ZeroDivisionError):
+                ratio_u = ratio_t = "-"
+            print(f"| {u['op']} | {u['size']} B | {u['conns']} | {num(u['rps'])} | {ms(u['p50_us'])} "
+                  f"| {ms(u['p99_us'])} | {ms(u['p999_us'])} | {num(u.get('server_cpu_us_per_op'), '{:.1f}')} "
+                  f"| {num(t.get('rps'))} | {num(b.get('rps'))} | {ms(b.get('p99_us'))} "
+                  f"| {num(b.get('server_cpu_us_per_op'), '{:.1f}')} | {ratio_u} | {ratio_t} |")
+        errors = sum(int(float(r.get("errors", 0))) for r in rows if r.get("label") in
+                     ("sidecar-unix", "sidecar-tcp", "openbao"))
+        last_u = matrix[-1].get("server_peak_rss_kib")
+        last_b = [r for r in rows if r.get("label") == "openbao"]
+        peak_b = last_b[-1].get("server_peak_rss_kib") if last_b else None
+        print()
+        print(f"Errors over all rows: {errors}. Peak RSS: kms-sidecar {num(last_u)} KiB, "
+              f"OpenBao {num(peak_b)} KiB.")
+        print()
+
+    ossl = [r for r in rows if r.get("label") == "openssl"]
+    octets = [r for r in rows if r.get("label") == "sidecar-octets"]
+    if ossl and octets:
+        limit = float(ossl[0]["mib_s"])
+        print("| 1 MiB over the Unix socket, octet-stream, 1 connection | MiB/s | p50 ms | p99 ms "
+              "| ÷ openssl 16 KiB AES-256-GCM |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| `openssl speed -evp aes-256-gcm -bytes 16384` (one core) | {limit:,.0f} | | | 1.00 |")
+        for r in octets:
+            print(f"| {r['op']} | {num(r['mib_s'])} | {ms(r['p50_us'])} | {ms(r['p99_us'])} "
+                  f"| {float(r['mib_s']) / limit:.2f} |")
+        print()
+
+    for r in rows:
+        if r.get("label") == "soak":
+            print(f"Soak: {num(r['requests'])} requests ({num(r['rps'])}/s), {r['errors']} errors, "
+                  f"p99 {ms(r['p99_us'])} ms; RSS start {num(r['rss_start_kib'])} KiB, middle "
+                  f"{num(r['rss_middle_kib'])} KiB, end {num(r['rss_end_kib'])} KiB "
+                  f"(end ÷ middle {r['end_over_middle']}).")
+            print()
+        if r.get("label") == "tenants":
+            print(f"Tenants: {num(r['count'])} tenants sealed once each in {r['seconds']} s "
+                  f"({r['errors']} errors); RSS {float(r['rss_after_kib']) / 1024:.1f} MiB after "
+                  f"(peak {float(r['rss_peak_kib']) / 1024:.1f} MiB, "
+                  f"{float(r['rss_before_kib']) / 1024:.1f} MiB before).")
+            print()
+        if r.get("label") == "cold_start":
+            print(f"Cold start to `/readyz` 200 (keyfile root, SQLite, {r['runs']} runs): median "
+                  f"{r['median_ms']} ms (min {r['min_ms']}, max {r['max_ms']}).")
+            print()
+
+
+if __name__ == "__main__":
+    main()
