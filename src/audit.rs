@@ -10,7 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -111,7 +112,12 @@ pub struct Audit {
     tx: SyncSender<Msg>,
     data_plane: DataPlane,
     aggregate: Arc<Mutex<HashMap<AggKey, u64>>>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Dropped since last reported in the log.
+    dropped: Arc<AtomicU64>,
+    /// Dropped since start, for metrics.
+    dropped_total: Arc<AtomicU64>,
+    /// Records queued and not yet written (or failed) by the writer.
+    backlog: Arc<AtomicU64>,
 }
 
 impl Audit {
@@ -120,24 +126,49 @@ impl Audit {
     pub fn open(options: AuditOptions) -> Result<Audit, AuditError> {
         let mut writer = Writer::open(options.clone())?;
         let (tx, rx) = sync_channel(QUEUE);
+        let backlog = Arc::<AtomicU64>::default();
+        let written = backlog.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &written))
             .map_err(|e| AuditError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Audit {
             tx,
             data_plane: options.data_plane,
             aggregate: Arc::default(),
             dropped: Arc::default(),
+            dropped_total: Arc::default(),
+            backlog,
         })
+    }
+
+    /// Records queued but not yet written.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped since start because the queue was full (or the writer gone).
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
+    }
+
+    /// Hands a record to the writer; false if the queue is full or the writer gone.
+    fn enqueue(&self, record: Record) -> bool {
+        // Counted before sending, so the writer never subtracts what was not yet added.
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.try_send(Msg::Record(Box::new(record))).is_ok();
+        if !sent {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Records an admin operation and waits until it is on disk. An error means the operation
     /// must not proceed (fail closed).
     pub async fn admin(&self, record: Record) -> Result<(), AuditError> {
-        self.tx
-            .try_send(Msg::Record(Box::new(record)))
-            .map_err(|_| AuditError::Unavailable("audit queue full or closed".into()))?;
+        if !self.enqueue(record) {
+            return Err(AuditError::Unavailable("audit queue full or closed".into()));
+        }
         self.flush().await
     }
 
@@ -155,12 +186,9 @@ impl Audit {
     /// queue is full the record is counted as dropped, and the count is logged in the next
     /// aggregate record.
     pub fn event(&self, record: Record) {
-        match self.tx.try_send(Msg::Record(Box::new(record))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        if !self.enqueue(record) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped_total.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -200,7 +228,7 @@ impl Audit {
                 ..Record::default()
             });
         }
-        let dropped = self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             self.event(Record {
                 operation: "audit.dropped".into(),
@@ -237,7 +265,9 @@ impl Writer {
         Ok(w)
     }
 
-    fn run(&mut self, rx: Receiver<Msg>) {
+    /// Writes what arrives until every sender is gone, taking each batch off `backlog` once
+    /// written (or failed).
+    fn run(&mut self, rx: Receiver<Msg>, backlog: &AtomicU64) {
         while let Ok(first) = rx.recv() {
             let mut records = Vec::new();
             let mut acks = Vec::new();
@@ -258,6 +288,7 @@ impl Writer {
             } else {
                 self.append(&records)
             };
+            backlog.fetch_sub(records.len() as u64, Ordering::Relaxed);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "audit write failed");
             }

@@ -172,3 +172,38 @@ fn aggregated_data_plane_records_carry_counts() {
     assert_eq!(lines[0]["count"], 1000);
     assert_eq!(lines[0]["operation"], "seal");
 }
+
+#[test]
+fn the_backlog_counts_queued_records_and_drops_are_totalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = Audit::open(options(dir.path(), u64::MAX)).unwrap();
+    // Holding the log's lock stalls the writer, so records pile up until the queue is full.
+    let held = Flock::lock(
+        open_append(&dir.path().join("audit.jsonl")).unwrap(),
+        FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let sent = QUEUE as u64 + 10_000;
+    for i in 0..sent {
+        audit.event(rec(i));
+    }
+    let (backlog, dropped) = (audit.backlog(), audit.dropped_total());
+    assert_eq!(backlog + dropped, sent);
+    // The writer holds at most one batch of 4096 out of the queue while it waits.
+    assert!(
+        (QUEUE as u64..=QUEUE as u64 + 4096).contains(&backlog),
+        "backlog {backlog}"
+    );
+    drop(held);
+    let start = std::time::Instant::now();
+    while audit.backlog() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "backlog never drained"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(audit.dropped_total(), dropped);
+    let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(text.lines().count() as u64, backlog);
+}

@@ -1,4 +1,4 @@
-//! The running sidecar's HTTP API: round trips, failure codes, limits, access control.
+//! The running sidecar's HTTP API: round trips, failure codes, limits, access control, metrics.
 
 mod support;
 
@@ -596,4 +596,114 @@ async fn store_files_hold_no_plaintext_key_or_value() {
             .iter()
             .any(|(_, b)| b.windows(blob.len()).any(|w| w == &blob[..]))
     );
+}
+
+#[tokio::test]
+async fn metrics_count_and_time_requests_per_operation_and_outcome() {
+    let s = Sidecar::start().await;
+    let sent = 4;
+    let mut sealed = Vec::new();
+    for i in 0..sent {
+        sealed.push(seal(&s, "acme", format!("value {i}").as_bytes(), None).await);
+    }
+    for ct in &sealed {
+        let r = s.post(OPEN, json!({ "ciphertext": ct })).await;
+        assert_eq!(r.status, 200);
+    }
+    let mut flipped = unb64(&sealed[0]);
+    flipped[30] ^= 1;
+    let r = s.post(OPEN, json!({ "ciphertext": b64(&flipped) })).await;
+    assert_eq!(r.code(), "decrypt_failed");
+    let r = s.unix("GET", "/v1/no/such/path", &[], "").await;
+    assert_eq!(r.code(), "not_found");
+    let r = s.tcp(None, "POST", SEAL, "{}").await;
+    assert_eq!(r.code(), "unauthenticated");
+
+    let text = s.metrics().await;
+    let v = |series: &str| metric_value(&text, series);
+    let requests = |op: &str, outcome: &str| {
+        v(&format!(
+            r#"kms_sidecar_requests_total{{op="{op}",outcome="{outcome}"}}"#
+        ))
+    };
+    assert_eq!(requests("seal", "ok"), Some(sent as f64), "{text}");
+    assert_eq!(requests("open", "ok"), Some(sent as f64));
+    assert_eq!(requests("open", "decrypt_failed"), Some(1.0));
+    assert_eq!(requests("unknown", "not_found"), Some(1.0));
+    assert_eq!(requests("seal", "unauthenticated"), Some(1.0));
+    assert_eq!(
+        v(r#"kms_sidecar_request_duration_seconds_count{op="seal",outcome="ok"}"#),
+        Some(sent as f64)
+    );
+    assert_eq!(
+        v(
+            r#"kms_sidecar_request_duration_seconds_bucket{le="+Inf",op="open",outcome="decrypt_failed"}"#
+        ),
+        Some(1.0)
+    );
+    // The first seal created the tenant; every open found the tenant and key in the caches.
+    assert_eq!(
+        v(r#"kms_sidecar_store_duration_seconds_count{op="create_tenant"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        v(r#"kms_sidecar_store_duration_seconds_count{op="tenant"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        v(r#"kms_sidecar_store_duration_seconds_count{op="key_version"}"#),
+        Some(1.0)
+    );
+    assert!(v(r#"kms_sidecar_cache_entries{cache="keys"}"#).is_some_and(|n| n >= 1.0));
+    assert!(v(r#"kms_sidecar_cache_entries{cache="tenants"}"#).is_some_and(|n| n >= 1.0));
+    assert!(v("kms_sidecar_audit_backlog").is_some());
+    assert_eq!(v("kms_sidecar_audit_dropped_total"), Some(0.0));
+    let generated: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("kms_sidecar_root_call_duration_seconds_count{")
+                && l.contains(r#"op="generate""#)
+        })
+        .collect();
+    assert_eq!(generated.len(), 1, "{text}");
+    assert!(generated[0].ends_with(" 1"), "{}", generated[0]);
+    // No label carries a tenant or a path.
+    assert!(!text.contains("acme") && !text.contains("/v1/"), "{text}");
+}
+
+#[tokio::test]
+async fn metrics_count_open_connections_until_they_close() {
+    let s = Sidecar::start().await;
+    // Every scrape on one keep-alive connection, so no scrape leaves a closing one behind.
+    let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+    let (mut scraper, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut open_connections = async move || {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::get("/metrics")
+            .header("host", "localhost")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let body = scraper.send_request(req).await.unwrap().into_body();
+        let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        metric_value(&text, "kms_sidecar_open_connections").unwrap()
+    };
+    assert_eq!(open_connections().await, 1.0);
+    let held = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut seen = open_connections().await;
+    while seen != 2.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen = open_connections().await;
+    }
+    assert_eq!(seen, 2.0, "the held connection was not counted");
+    drop(held);
+    while seen != 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen = open_connections().await;
+    }
+    assert_eq!(seen, 1.0, "the closed connection was still counted");
 }

@@ -68,6 +68,13 @@ fn serve(env: &[(&str, &str)]) -> Proc {
     p
 }
 
+async fn metrics(socket: &Path) -> String {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let r = send(stream, "GET", "/metrics", &[], Default::default()).await;
+    assert_eq!(r.status, 200);
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
 async fn post(socket: &Path, path: &str, body: serde_json::Value) -> Reply {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     send(
@@ -297,6 +304,15 @@ async fn beyond_the_in_flight_cap_requests_get_503_overloaded() {
         ok >= 1 && overloaded >= 1,
         "ok {ok}, overloaded {overloaded}"
     );
+    let text = metrics(&s).await;
+    let requests = |outcome: &str| {
+        metric_value(
+            &text,
+            &format!(r#"kms_sidecar_requests_total{{op="seal",outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(requests("overloaded"), Some(overloaded as f64), "{text}");
+    assert_eq!(requests("ok"), Some(ok as f64));
 }
 
 #[tokio::test]
@@ -322,5 +338,11 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
             .await
             .status,
         200
+    );
+    let text = metrics(&s).await;
+    assert_eq!(
+        metric_value(&text, "kms_sidecar_connections_refused_total"),
+        Some(1.0),
+        "{text}"
     );
 }

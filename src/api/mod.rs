@@ -149,9 +149,12 @@ pub async fn serve(
         // Past the connection limit the stream is dropped at once, so a flood of connections
         // costs a file descriptor for microseconds, not a task and buffers.
         let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
+            state.keyring.metrics().connection_refused();
             tracing::warn!(peer = %io_peer, "connection limit reached; closing a new connection");
             continue;
         };
+        // Held by the connection's task, so it is dropped however that task ends.
+        let open = (conn_permit, state.keyring.metrics().connection_opened());
         let idle = state.limits.header_read_timeout;
         let st = state.clone();
         let in_flight = in_flight.clone();
@@ -160,7 +163,7 @@ pub async fn serve(
             let permit = in_flight.clone().try_acquire_owned();
             async move {
                 let Ok(_permit) = permit else {
-                    return Ok::<_, Infallible>(routes::overloaded(&req));
+                    return Ok::<_, Infallible>(routes::overloaded(&st, &req));
                 };
                 Ok::<_, Infallible>(routes::handle(st, io_peer, req).await)
             }
@@ -171,12 +174,11 @@ pub async fn serve(
                     .serve_connection(TokioIo::new(IdleGuard::new(s, idle)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                let permit = conn_permit;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
-                    drop(permit);
+                    drop(open);
                 });
             }
             Conn::Tcp(s) => {
@@ -184,12 +186,11 @@ pub async fn serve(
                     .serve_connection(TokioIo::new(IdleGuard::new(s, idle)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                let permit = conn_permit;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
-                    drop(permit);
+                    drop(open);
                 });
             }
         }

@@ -3,6 +3,7 @@
 //! the audit log. Every error goes through `ApiError`; no handler logs a body.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -103,7 +104,7 @@ impl Action {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
     Healthz,
     Readyz,
@@ -114,6 +115,30 @@ pub enum Route<'a> {
     Approve { id: &'a str },
     Tenant { tenant: &'a str, action: Action },
     Token { tenant: &'a str, token: &'a str },
+}
+
+impl Route<'_> {
+    /// The operation a request on this route is counted under in metrics, and (for all but
+    /// the unauthenticated routes) recorded under in the audit log.
+    fn operation(self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::OpenApi => "openapi",
+            Route::Metrics => "metrics",
+            Route::Tenants => "tenants.list",
+            Route::Approvals => "admin.shred.list",
+            Route::Approve { .. } => "admin.shred.approve",
+            Route::Tenant { action, .. } => action.audit_name(),
+            Route::Token { .. } => Action::DeleteToken.audit_name(),
+        }
+    }
+}
+
+/// The `op` metrics label of a path: its route's operation, or `unknown` (never the path,
+/// whose values are unbounded).
+fn path_operation(path: &str) -> &'static str {
+    route(path).map_or("unknown", Route::operation)
 }
 
 /// Every route of the router, as (method, path template): the OpenAPI check compares with this.
@@ -435,7 +460,8 @@ struct Trail {
 }
 
 /// The answer when too many requests are in flight: immediate, without reading the body.
-pub fn overloaded(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub fn overloaded(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let id = request_id(req);
     let mut resp = error_response(&ApiError::Overloaded, &id);
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -443,6 +469,11 @@ pub fn overloaded(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     resp.headers_mut()
         .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let (_, code) = ApiError::Overloaded.status_and_code();
+    state
+        .keyring
+        .metrics()
+        .request(path_operation(req.uri().path()), code, started.elapsed());
     resp
 }
 
@@ -452,6 +483,7 @@ pub async fn handle(
     peer: Peer,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let request_id = request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -465,7 +497,13 @@ pub async fn handle(
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     let status = resp.status();
+    // Requests refused before their handler named the operation count under their route's.
+    let op = trail.operation.unwrap_or_else(|| path_operation(&path));
     audit(&state, &peer, &request_id, trail, status, outcome).await;
+    state
+        .keyring
+        .metrics()
+        .request(op, outcome, started.elapsed());
     if status.is_server_error() {
         tracing::warn!(%request_id, %peer, %method, %path, status = status.as_u16(), "request failed");
     } else {
@@ -570,7 +608,11 @@ async fn dispatch(
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
             }
-            let mut resp = Response::new(Full::new(Bytes::from(state.keyring.metrics().encode())));
+            // Sizes are sampled when scraped rather than kept current on every request.
+            state.keyring.sample_caches().await;
+            let metrics = state.keyring.metrics();
+            metrics.audit_queue(state.audit.backlog(), state.audit.dropped_total());
+            let mut resp = Response::new(Full::new(Bytes::from(metrics.encode())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -606,7 +648,7 @@ async fn dispatch(
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
             }
-            trail.operation = Some("tenants.list");
+            trail.operation = Some(route.operation());
             let principal = authenticate(state, peer, &req)?;
             trail.principal = Some(principal.name.clone());
             if !principal.holds(Operation::KeysRead) {
@@ -627,7 +669,7 @@ async fn dispatch(
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
             }
-            trail.operation = Some("admin.shred.list");
+            trail.operation = Some(route.operation());
             let principal = authenticate(state, peer, &req)?;
             trail.principal = Some(principal.name.clone());
             if !principal.holds(Operation::AdminShred) {
@@ -647,14 +689,14 @@ async fn dispatch(
             if req.method() != Method::POST {
                 return Err(ApiError::MethodNotAllowed);
             }
-            trail.operation = Some("admin.shred.approve");
+            trail.operation = Some(route.operation());
             trail.admin = true;
             let principal = authenticate(state, peer, &req)?;
             trail.principal = Some(principal.name.clone());
-            let pending = state
-                .keyring
-                .store()
-                .approval(id)
+            let kr = &state.keyring;
+            let pending = kr
+                .metrics()
+                .store_call("approval", kr.store().approval(id))
                 .await
                 .map_err(crate::keyring::KeyringError::from)?
                 .ok_or(ApiError::ApprovalNotFound)?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use zeroize::Zeroizing;
 
 use super::{
@@ -17,7 +18,7 @@ use super::{
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealBuffer, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
-use crate::metrics::{CacheKind, Metrics};
+use crate::metrics::{CacheKind, Eviction, Metrics};
 use crate::providers::metered::Metered;
 use crate::providers::{
     ProviderError, RootFactory, RootId, RootProvider, WrapContext, WrapPurpose,
@@ -137,12 +138,13 @@ impl Keyring {
         }
         let roots = roots
             .into_iter()
-            .map(|r| Metered::counting(r, metrics.clone()))
+            .map(|r| Metered::counting(r, &metrics))
             .collect();
         let keys = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
             .support_invalidation_closures()
+            .eviction_listener(count_evictions(&metrics, CacheKind::Keys))
             .build();
         let stale = (!options.stale_if_error.is_zero()).then(|| {
             Cache::builder()
@@ -154,6 +156,7 @@ impl Keyring {
         let tenants = Cache::builder()
             .max_capacity(options.cache_max_entries)
             .time_to_live(options.cache_ttl)
+            .eviction_listener(count_evictions(&metrics, CacheKind::Tenants))
             .build();
         Ok(Keyring {
             inner: Arc::new(Inner {
@@ -380,11 +383,13 @@ impl Keyring {
     /// The tenant and its versions (never key bytes).
     pub async fn describe(&self, tenant: &TenantId) -> Result<TenantKeys, KeyringError> {
         let store = &self.inner.store;
-        let record = store
-            .tenant(tenant)
+        let record = self
+            .timed("tenant", store.tenant(tenant))
             .await?
             .ok_or(KeyringError::TenantNotFound)?;
-        let versions = store.key_versions(tenant).await?;
+        let versions = self
+            .timed("key_versions", store.key_versions(tenant))
+            .await?;
         Ok(TenantKeys {
             tenant: record,
             versions,
@@ -392,7 +397,7 @@ impl Keyring {
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantRecord>, KeyringError> {
-        Ok(self.inner.store.tenants().await?)
+        Ok(self.timed("tenants", self.inner.store.tenants()).await?)
     }
 
     /// Makes a new version active; the old one stays openable (decrypt-only). Atomic: a
@@ -408,8 +413,8 @@ impl Keyring {
                 crate::crypto::fill_random(&mut jitter)?;
                 tokio::time::sleep(Duration::from_millis(1 + u64::from(jitter[0] % 16))).await;
             }
-            let current = store
-                .tenant(tenant)
+            let current = self
+                .timed("tenant", store.tenant(tenant))
                 .await?
                 .ok_or(KeyringError::TenantNotFound)?;
             if current.destroyed_at.is_some() {
@@ -421,8 +426,11 @@ impl Keyring {
                 .ok_or(KeyringError::Internal("key version space exhausted"))?;
             let roots = self.wrapping_roots(&current)?;
             let record = self.new_version(tenant, next, unix_now(), &roots).await?;
-            match store
-                .rotate(tenant, current.active_version, &record)
+            match self
+                .timed(
+                    "rotate",
+                    store.rotate(tenant, current.active_version, &record),
+                )
                 .await?
             {
                 RotateOutcome::Rotated(r) => {
@@ -446,7 +454,8 @@ impl Keyring {
     ) -> Result<Vec<TenantId>, KeyringError> {
         let now = unix_now();
         let mut rotated = Vec::new();
-        for t in self.inner.store.tenants().await? {
+        let store = &self.inner.store;
+        for t in self.timed("tenants", store.tenants()).await? {
             let Some(period) = period_for(&t.tenant) else {
                 continue;
             };
@@ -454,9 +463,10 @@ impl Keyring {
                 continue;
             }
             let Some(active) = self
-                .inner
-                .store
-                .key_version(&t.tenant, t.active_version)
+                .timed(
+                    "key_version",
+                    store.key_version(&t.tenant, t.active_version),
+                )
                 .await?
             else {
                 continue;
@@ -472,9 +482,10 @@ impl Keyring {
     /// Sets the lowest key version that may still open.
     pub async fn retire(&self, tenant: &TenantId, min: u32) -> Result<TenantRecord, KeyringError> {
         let r = self
-            .inner
-            .store
-            .set_min_decrypt_version(tenant, min)
+            .timed(
+                "set_min_decrypt_version",
+                self.inner.store.set_min_decrypt_version(tenant, min),
+            )
             .await?;
         self.invalidate(tenant).await;
         Ok(r)
@@ -489,9 +500,7 @@ impl Keyring {
         window: Duration,
     ) -> Result<Approval, KeyringError> {
         let record = self
-            .inner
-            .store
-            .tenant(tenant)
+            .timed("tenant", self.inner.store.tenant(tenant))
             .await?
             .ok_or(KeyringError::TenantNotFound)?;
         if record.destroyed_at.is_some() {
@@ -521,7 +530,11 @@ impl Keyring {
             executed_at: None,
             state: ApprovalState::Pending,
         };
-        self.inner.store.create_approval(&approval).await?;
+        self.timed(
+            "create_approval",
+            self.inner.store.create_approval(&approval),
+        )
+        .await?;
         Ok(approval)
     }
 
@@ -529,8 +542,8 @@ impl Keyring {
     /// window must still be open, and an approval executes once.
     pub async fn approve_shred(&self, id: &str, approver: &str) -> Result<Approval, KeyringError> {
         let store = &self.inner.store;
-        let approval = store
-            .approval(id)
+        let approval = self
+            .timed("approval", store.approval(id))
             .await?
             .ok_or(KeyringError::ApprovalNotFound)?;
         let now = unix_now();
@@ -543,10 +556,17 @@ impl Keyring {
         if now >= approval.expires_at {
             return Err(KeyringError::ApprovalExpired);
         }
-        if !store.complete_approval(id, approver, now).await? {
+        if !self
+            .timed(
+                "complete_approval",
+                store.complete_approval(id, approver, now),
+            )
+            .await?
+        {
             return Err(KeyringError::ApprovalNotPending);
         }
-        store.shred(&approval.tenant, approval.target, now).await?;
+        self.timed("shred", store.shred(&approval.tenant, approval.target, now))
+            .await?;
         self.invalidate(&approval.tenant).await;
         tracing::warn!(tenant = %approval.tenant, approval = %approval.id, "key material shredded");
         Ok(Approval {
@@ -558,7 +578,10 @@ impl Keyring {
     }
 
     pub async fn pending_approvals(&self) -> Result<Vec<Approval>, KeyringError> {
-        Ok(self.inner.store.pending_approvals(unix_now()).await?)
+        let store = &self.inner.store;
+        Ok(self
+            .timed("pending_approvals", store.pending_approvals(unix_now()))
+            .await?)
     }
 
     /// Binds a tenant to its own root (a customer-managed key, BYOK) and moves its existing
@@ -577,21 +600,24 @@ impl Keyring {
         let target = self.tenant_root(root)?;
         // A key we cannot use is refused before anything changes.
         target.health().await?;
-        let existing = match store.tenant(tenant).await? {
+        let existing = match self.timed("tenant", store.tenant(tenant)).await? {
             Some(r) => r,
             None => {
                 let now = unix_now();
                 let first = self
                     .new_version(tenant, 1, now, std::slice::from_ref(&target))
                     .await?;
-                store.create_tenant(tenant, now, &first).await?
+                self.timed("create_tenant", store.create_tenant(tenant, now, &first))
+                    .await?
             }
         };
         if existing.destroyed_at.is_some() {
             return Err(KeyringError::TenantDestroyed);
         }
         let previous = existing.root.clone();
-        let record = store.set_tenant_root(tenant, root).await?;
+        let record = self
+            .timed("set_tenant_root", store.set_tenant_root(tenant, root))
+            .await?;
         self.invalidate(tenant).await;
         let mut rewrapped = 0;
         let mut versions = 0;
@@ -600,7 +626,10 @@ impl Keyring {
         for _ in 0..3 {
             let mut changed = 0;
             versions = 0;
-            for v in store.key_versions(tenant).await? {
+            for v in self
+                .timed("key_versions", store.key_versions(tenant))
+                .await?
+            {
                 if v.state == KeyState::Destroyed {
                     continue;
                 }
@@ -656,16 +685,22 @@ impl Keyring {
                     root: target.id().clone(),
                     blob: target.wrap(&dek, &ctx).await?,
                 };
-                let added = store
-                    .put_wrapping(tenant, v.version, &w, others.first().copied())
+                let added = self
+                    .timed(
+                        "put_wrapping",
+                        store.put_wrapping(tenant, v.version, &w, others.first().copied()),
+                    )
                     .await?;
                 (w, added)
             }
         };
         let skip = usize::from(changed);
         for other in others.into_iter().skip(skip) {
-            changed |= store
-                .put_wrapping(tenant, v.version, &wrapping, Some(other))
+            changed |= self
+                .timed(
+                    "put_wrapping",
+                    store.put_wrapping(tenant, v.version, &wrapping, Some(other)),
+                )
                 .await?;
         }
         Ok(changed)
@@ -713,7 +748,7 @@ impl Keyring {
 
     /// Ready when the store answers and at least the first root is healthy.
     pub async fn ready(&self) -> Result<(), KeyringError> {
-        self.inner.store.health().await?;
+        self.timed("health", self.inner.store.health()).await?;
         self.inner.roots[0].health().await?;
         Ok(())
     }
@@ -721,6 +756,26 @@ impl Keyring {
     /// Number of unwrapped keys held right now (approximate, as moka counts).
     pub fn cached_keys(&self) -> u64 {
         self.inner.keys.entry_count()
+    }
+
+    /// Brings the caches' sizes in `metrics` up to date, for a scrape: applies the caches'
+    /// pending bookkeeping first (which also reports expired entries as evictions), since
+    /// moka counts entries only then.
+    pub async fn sample_caches(&self) {
+        let inner = &self.inner;
+        inner.keys.run_pending_tasks().await;
+        inner.tenants.run_pending_tasks().await;
+        inner
+            .metrics
+            .cache_entries(CacheKind::Keys, inner.keys.entry_count());
+        inner
+            .metrics
+            .cache_entries(CacheKind::Tenants, inner.tenants.entry_count());
+    }
+
+    /// Awaits one store call, observing its latency under `op` (the store method's name).
+    async fn timed<T>(&self, op: &'static str, call: impl Future<Output = T>) -> T {
+        self.inner.metrics.store_call(op, call).await
     }
 
     async fn tenant(
@@ -735,7 +790,7 @@ impl Keyring {
             .tenants
             .entry(tenant.clone())
             .or_try_insert_with(async move {
-                match this.inner.store.tenant(&t).await? {
+                match this.timed("tenant", this.inner.store.tenant(&t)).await? {
                     Some(r) => Ok(Arc::new(r)),
                     None if create => Ok(Arc::new(this.create(&t).await?)),
                     None => Err(KeyringError::TenantNotFound),
@@ -775,7 +830,10 @@ impl Keyring {
             .entry(cache_key.clone())
             .or_try_insert_with(async move {
                 let store = &this.inner.store;
-                let Some(record) = store.key_version(&t, version).await? else {
+                let Some(record) = this
+                    .timed("key_version", store.key_version(&t, version))
+                    .await?
+                else {
                     return Err(KeyringError::DecryptFailed);
                 };
                 if record.state == KeyState::Destroyed {
@@ -863,7 +921,7 @@ impl Keyring {
             return Ok(r.clone());
         }
         match &self.inner.factory {
-            Some(f) => Ok(Metered::counting(f.root(id)?, self.inner.metrics.clone())),
+            Some(f) => Ok(Metered::counting(f.root(id)?, &self.inner.metrics)),
             None => Err(ProviderError::Setup(format!(
                 "root {id} is not configured, and no [aws] connection is configured to reach it"
             ))),
@@ -934,7 +992,10 @@ impl Keyring {
     async fn create(&self, tenant: &TenantId) -> Result<TenantRecord, KeyringError> {
         let now = unix_now();
         let first = self.new_version(tenant, 1, now, &self.inner.roots).await?;
-        let record = self.inner.store.create_tenant(tenant, now, &first).await?;
+        let store = &self.inner.store;
+        let record = self
+            .timed("create_tenant", store.create_tenant(tenant, now, &first))
+            .await?;
         tracing::info!(tenant = %tenant, active_version = record.active_version, "tenant ready");
         Ok(record)
     }
@@ -997,6 +1058,24 @@ pub(crate) async fn unwrap_with(
             reason: "no configured root holds a wrap of this key version".into(),
         }
         .into()),
+    }
+}
+
+/// An eviction listener counting into `metrics` the entries that leave `cache`; a replaced
+/// value is not an eviction.
+fn count_evictions<K, V>(
+    metrics: &Arc<Metrics>,
+    cache: CacheKind,
+) -> impl Fn(Arc<K>, V, RemovalCause) + Send + Sync + 'static {
+    let metrics = metrics.clone();
+    move |_, _, cause| {
+        let eviction = match cause {
+            RemovalCause::Size => Eviction::Size,
+            RemovalCause::Expired => Eviction::Expired,
+            RemovalCause::Explicit => Eviction::Invalidated,
+            RemovalCause::Replaced => return,
+        };
+        metrics.cache_eviction(cache, eviction);
     }
 }
 

@@ -240,7 +240,11 @@ impl Vault {
                     expires_at: p.expires_at,
                 });
             }
-            let outcomes = self.store.insert_tokens(&rows, now).await?;
+            let outcomes = self
+                .keyring
+                .metrics()
+                .store_call("insert_tokens", self.store.insert_tokens(&rows, now))
+                .await?;
             let mut retry = Vec::new();
             for ((p, row), outcome) in pending.into_iter().zip(rows).zip(outcomes) {
                 let issued = |token: String, expires_at| IssuedToken {
@@ -289,7 +293,14 @@ impl Vault {
                 }
             })
             .collect();
-        let found = self.store.lookup_tokens(tenant, &plausible, now).await?;
+        let found = self
+            .keyring
+            .metrics()
+            .store_call(
+                "lookup_tokens",
+                self.store.lookup_tokens(tenant, &plausible, now),
+            )
+            .await?;
         let mut out = Vec::with_capacity(tokens.len());
         for (token, row) in plausible.iter().zip(found) {
             let Some(row) = row else {
@@ -320,7 +331,12 @@ impl Vault {
 
     pub async fn delete(&self, tenant: &TenantId, token: &str) -> Result<(), VaultError> {
         let now = crate::keyring::unix_now();
-        if self.store.delete_token(tenant, token, now).await? {
+        let deleted = self
+            .keyring
+            .metrics()
+            .store_call("delete_token", self.store.delete_token(tenant, token, now))
+            .await?;
+        if deleted {
             Ok(())
         } else {
             Err(VaultError::TokenNotFound)
@@ -329,9 +345,14 @@ impl Vault {
 
     /// Deletes expired tokens; the server runs it periodically.
     pub async fn sweep(&self) -> Result<u64, VaultError> {
+        let store = &self.store;
         Ok(self
-            .store
-            .purge_expired_tokens(crate::keyring::unix_now())
+            .keyring
+            .metrics()
+            .store_call(
+                "purge_expired_tokens",
+                store.purge_expired_tokens(crate::keyring::unix_now()),
+            )
             .await?)
     }
 }

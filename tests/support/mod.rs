@@ -182,16 +182,14 @@ impl Sidecar {
     /// The value of one series of `/metrics` (0 when absent), e.g.
     /// `kms_sidecar_root_calls_total{root="aws-kms:…",op="unwrap"}`.
     pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series).unwrap_or(0.0)
+    }
+
+    /// The whole `/metrics` text.
+    pub async fn metrics(&self) -> String {
         let r = self.unix("GET", "/metrics", &[], Bytes::new()).await;
         assert_eq!(r.status, 200);
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        String::from_utf8_lossy(&r.body).into_owned()
     }
 
     /// A request over TCP as `token`, JSON body.
@@ -338,6 +336,15 @@ where
         headers,
         body,
     }
+}
+
+/// The value of one series in a `/metrics` text, if it is there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 pub fn b64(bytes: &[u8]) -> String {
