@@ -208,6 +208,25 @@ async fn send(
     Ok((status, body))
 }
 
+/// Sends and reads the whole answer as it streams in, without joining it into one buffer (as a
+/// streaming client would); returns the status and the body's length.
+async fn send_drain(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, usize), Error> {
+    sender.ready().await?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            len += data.len();
+        }
+    }
+    Ok((status, len))
+}
+
 fn auth(t: &Target) -> Option<(&'static str, String)> {
     if let Some(tok) = &t.bao_token {
         Some(("x-vault-token", tok.clone()))
@@ -370,7 +389,7 @@ async fn closed_loop(
                     continue;
                 };
                 let start = Instant::now();
-                let ok = match send(&mut sender, req).await {
+                let ok = match send_drain(&mut sender, req).await {
                     Ok((status, _)) => status == StatusCode::OK,
                     Err(_) => {
                         // A broken connection is replaced; the failure counts as an error.

@@ -5,6 +5,7 @@
 //! or keys. Appends take an exclusive `flock`, so several processes (the server and an offline
 //! `roots rewrap`) extend one chain; rotation carries the chain across files.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -104,7 +105,7 @@ enum Msg {
     Flush(tokio::sync::oneshot::Sender<Result<(), AuditError>>),
 }
 
-type AggKey = (String, String, String, String);
+type AggKey = (String, String, Cow<'static, str>, Cow<'static, str>);
 
 /// A handle to the audit log; cheap to clone.
 #[derive(Clone)]
@@ -197,17 +198,49 @@ impl Audit {
         match self.data_plane {
             DataPlane::Off => {}
             DataPlane::Each => self.event(record),
-            DataPlane::Aggregate => {
-                let key = (
+            DataPlane::Aggregate => self.add(
+                (
                     record.principal.unwrap_or_default(),
                     record.tenant.unwrap_or_default(),
-                    record.operation,
-                    record.outcome,
-                );
-                if let Ok(mut agg) = self.aggregate.lock() {
-                    *agg.entry(key).or_insert(0) += record.count.unwrap_or(1);
-                }
-            }
+                    Cow::Owned(record.operation),
+                    Cow::Owned(record.outcome),
+                ),
+                record.count.unwrap_or(1),
+            ),
+        }
+    }
+
+    /// Whether data-plane operations are recorded one by one (so callers must build a record).
+    pub fn records_each(&self) -> bool {
+        self.data_plane == DataPlane::Each
+    }
+
+    /// Counts `count` data-plane operations when the mode aggregates them (nothing when it is
+    /// off), without building a record: the request path's cheap form of `data`.
+    pub fn count_data(
+        &self,
+        principal: Option<String>,
+        tenant: Option<String>,
+        operation: &'static str,
+        outcome: &'static str,
+        count: u64,
+    ) {
+        if self.data_plane == DataPlane::Aggregate {
+            self.add(
+                (
+                    principal.unwrap_or_default(),
+                    tenant.unwrap_or_default(),
+                    Cow::Borrowed(operation),
+                    Cow::Borrowed(outcome),
+                ),
+                count,
+            );
+        }
+    }
+
+    fn add(&self, key: AggKey, count: u64) {
+        if let Ok(mut agg) = self.aggregate.lock() {
+            *agg.entry(key).or_insert(0) += count;
         }
     }
 
@@ -219,8 +252,8 @@ impl Audit {
         };
         for ((principal, tenant, operation, outcome), count) in drained {
             self.event(Record {
-                operation,
-                outcome,
+                operation: operation.into_owned(),
+                outcome: outcome.into_owned(),
                 principal: Some(principal),
                 tenant: Some(tenant).filter(|t| !t.is_empty()),
                 count: Some(count),

@@ -951,6 +951,17 @@ mod tests {
         assert_eq!(c.socket_mode().unwrap(), 0o660);
         assert!(!c.auto_create_tenants);
         assert!(c.listen.tcp.is_none());
+        assert_eq!(c.worker_threads, 0);
+    }
+
+    #[test]
+    fn worker_threads_is_bounded() {
+        let c = load("worker_threads = 1\n", &[]).unwrap();
+        assert_eq!(c.worker_threads, 1);
+        let c = load("", &[("KMS_SIDECAR_WORKER_THREADS", "3")]).unwrap();
+        assert_eq!(c.worker_threads, 3);
+        let e = load("worker_threads = 257\n", &[]).unwrap_err();
+        assert!(e.0.contains("worker_threads"), "{}", e.0);
     }
 
     #[test]

@@ -82,7 +82,14 @@ fn lock_all() -> Result<(), String> {
              may be swapped out"
         ));
     }
-    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
+    // MCL_ONFAULT (Linux 4.4+): pages are locked as they are first touched, not all at once.
+    // Without it every reserved-but-unused page (each thread's whole 2 MiB stack, allocator
+    // arenas) becomes resident at once; with it, every page that ever holds data is still
+    // locked before anything is written to it. nix has no name for the flag.
+    const MCL_ONFAULT: i32 = 4;
+    let flags = MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE;
+    mlockall(flags | MlockAllFlags::from_bits_retain(MCL_ONFAULT))
+        .or_else(|_| mlockall(flags))
         .map_err(|e| format!("mlockall failed: {e}; cached keys may be swapped out"))
 }
 

@@ -515,3 +515,51 @@ async fn data_plane_is_audited_in_aggregate_and_failed_auth_individually() {
     );
     assert!(denied["request_id"].is_string());
 }
+
+/// Data-plane requests in the default aggregate mode: one record per (principal, tenant,
+/// operation, outcome) and second, with the exact count, and the chain still verifies.
+#[tokio::test]
+async fn data_plane_requests_are_aggregated_with_exact_counts() {
+    let s = Sidecar::start().await;
+    let mut sealed = Vec::new();
+    for i in 0..7u8 {
+        sealed.push(seal(&s, "agg", &[i; 10]).await.0);
+    }
+    for ct in &sealed[..3] {
+        open(&s, "agg", ct).await;
+    }
+    let mut bad = unb64(&sealed[0]);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let r = s
+        .post("/v1/tenants/agg/open", json!({ "ciphertext": b64(&bad) }))
+        .await;
+    assert_eq!(r.code(), "decrypt_failed");
+    // Aggregates are written every second.
+    let count = |lines: &[Value], op: &str, outcome: &str| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l["operation"] == op && l["outcome"] == outcome && l["tenant"] == "agg")
+            .map(|l| l["count"].as_u64().unwrap())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines = loop {
+        let lines = audit_lines(&s);
+        if count(&lines, "seal", "ok") == 7 && count(&lines, "open", "decrypt_failed") == 1 {
+            break lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "aggregates not written in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(count(&lines, "open", "ok"), 3);
+    let agg: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["tenant"] == "agg" && l["operation"] == "seal")
+        .collect();
+    assert!(agg.iter().all(|l| l["principal"].is_string()), "{agg:?}");
+    kms_sidecar::audit::verify(&[s.data_dir().join("audit.jsonl")]).unwrap();
+}

@@ -520,11 +520,23 @@ async fn audit(
     request_id: &str,
     trail: Trail,
     status: StatusCode,
-    outcome: &str,
+    outcome: &'static str,
 ) {
     let Some(operation) = trail.operation else {
         return;
     };
+    let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    if !refused && !trail.admin && !state.audit.records_each() {
+        // Aggregated (or unrecorded) data-plane requests: counted without building a record.
+        state.audit.count_data(
+            trail.principal,
+            trail.tenant,
+            operation,
+            outcome,
+            trail.count.unwrap_or(1),
+        );
+        return;
+    }
     let mut record = Record {
         operation: operation.to_owned(),
         outcome: outcome.to_owned(),
@@ -541,7 +553,7 @@ async fn audit(
         record.requested_by = Some(a.requested_by.clone());
         record.approved_by = a.approved_by.clone();
     }
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    if refused {
         state.audit.event(record);
     } else if trail.admin {
         if let Err(e) = state.audit.admin(record).await {
