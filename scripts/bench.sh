@@ -3,7 +3,8 @@
 # the same generator (examples/loadgen.rs), payloads and concurrency, plus OpenSSL's AES-256-GCM
 # speed as the bulk limit. Prints Markdown tables with the ratios, and keeps the raw RESULT lines.
 #
-#   scripts/bench.sh [PART...]   parts: matrix bulk tenants coldstart soak (default: all but soak)
+#   scripts/bench.sh [PART...]   parts: matrix oneworker bulk tenants coldstart soak
+#                                (default: all but soak)
 #
 # Environment (all optional):
 #   BENCH_DURATION=5 BENCH_WARMUP=1      seconds measured / discarded per row
@@ -30,7 +31,7 @@ BAO_PORT=${BAO_PORT:-8250}
 OPENBAO_VERSION=${OPENBAO_VERSION:-2.7.2}
 out=${BENCH_OUT:-$root/target/bench/$(date +%Y%m%d-%H%M%S)}
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(matrix bulk tenants coldstart)
+[ ${#parts[@]} -gt 0 ] || parts=(matrix oneworker bulk tenants coldstart)
 
 mkdir -p "$out"
 results="$out/results.txt"
@@ -150,6 +151,19 @@ if want matrix; then
   done
   echo "OpenBao $bao_version (\`bao server -dev\`, Transit key aes256-gcm96); seal = Transit encrypt, open = Transit decrypt." >>"$out/report.md"
   echo >>"$out/report.md"
+fi
+
+if want oneworker; then
+  # The same rows against a sidecar with worker_threads = 1: on a 2-core machine the generator
+  # then has a core of its own, as an application beside a sidecar would.
+  start_sidecar "$work/one" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8790 KMS_SIDECAR_WORKER_THREADS=1
+  one_pid=$sc_pid
+  for op in seal open; do
+    for c in 8 32; do
+      run_row "sidecar-unix-1w" --unix "$work/one/data/kms-sidecar.sock" --pid "$one_pid" --op "$op" --size 1024 --conns "$c"
+    done
+  done
+  kill "$one_pid"; wait "$one_pid" 2>/dev/null || true
 fi
 
 if want bulk; then

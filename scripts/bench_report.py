@@ -63,6 +63,23 @@ def main():
               f"OpenBao {num(peak_b)} KiB.")
         print()
 
+    one = [r for r in rows if r.get("label") == "sidecar-unix-1w"]
+    if one:
+        print("With `worker_threads = 1` (the generator gets the other core):")
+        print()
+        print("| op | size | conns | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | OpenBao req/s (same conns) | ÷ OpenBao |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in one:
+            b = by.get(("openbao", r["op"], r["size"], r["conns"]), {})
+            try:
+                ratio = f"{float(r['rps']) / float(b['rps']):.1f}×"
+            except (KeyError, ValueError, ZeroDivisionError):
+                ratio = "-"
+            print(f"| {r['op']} | {r['size']} B | {r['conns']} | {num(r['rps'])} | {ms(r['p50_us'])} "
+                  f"| {ms(r['p99_us'])} | {ms(r['p999_us'])} | {num(r.get('server_cpu_us_per_op'), '{:.1f}')} "
+                  f"| {num(b.get('rps'))} | {ratio} |")
+        print()
+
     ossl = [r for r in rows if r.get("label") == "openssl"]
     octets = [r for r in rows if r.get("label") == "sidecar-octets"]
     if ossl and octets:

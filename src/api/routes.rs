@@ -616,7 +616,7 @@ async fn dispatch(
     let mut token_param: Option<String> = None;
     let (tenant_raw, action) = match route {
         Route::Metrics => {
-            // Unauthenticated like /healthz: counts and root ids only, no tenants, no keys.
+            // Unauthenticated like /healthz: counts, histograms and gauges labelled by operation, outcome and root id; no tenants, no keys.
             if req.method() != Method::GET {
                 return Err(ApiError::MethodNotAllowed);
             }
