@@ -600,8 +600,10 @@ impl Config {
         if self.worker_threads > 256 {
             return Err(ConfigError("worker_threads must be at most 256".into()));
         }
-        if self.limits.max_body_bytes == 0 {
-            return Err(ConfigError("limits.max_body_bytes must be positive".into()));
+        if self.limits.max_body_bytes == 0 || self.limits.max_body_bytes > 1 << 30 {
+            return Err(ConfigError(
+                "limits.max_body_bytes must be positive and at most 1 GiB".into(),
+            ));
         }
         if self.limits.max_connections == 0 || self.limits.max_in_flight == 0 {
             return Err(ConfigError(
@@ -962,6 +964,8 @@ mod tests {
         assert_eq!(c.worker_threads, 3);
         let e = load("worker_threads = 257\n", &[]).unwrap_err();
         assert!(e.0.contains("worker_threads"), "{}", e.0);
+        let e = load("[limits]\nmax_body_bytes = 1073741825\n", &[]).unwrap_err();
+        assert!(e.0.contains("max_body_bytes"), "{}", e.0);
     }
 
     #[test]

@@ -86,11 +86,23 @@ fn lock_all() -> Result<(), String> {
     // Without it every reserved-but-unused page (each thread's whole 2 MiB stack, allocator
     // arenas) becomes resident at once; with it, every page that ever holds data is still
     // locked before anything is written to it. nix has no name for the flag.
-    const MCL_ONFAULT: i32 = 4;
+    // Its value is 4 on x86, x86-64, ARM and AArch64 (other architectures use other values).
     let flags = MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE;
-    mlockall(flags | MlockAllFlags::from_bits_retain(MCL_ONFAULT))
-        .or_else(|_| mlockall(flags))
-        .map_err(|e| format!("mlockall failed: {e}; cached keys may be swapped out"))
+    if cfg!(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64"
+    )) {
+        const MCL_ONFAULT: i32 = 4;
+        match mlockall(flags | MlockAllFlags::from_bits_retain(MCL_ONFAULT)) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::info!(error = %e, "mlockall without MCL_ONFAULT: every mapped page is locked at once")
+            }
+        }
+    }
+    mlockall(flags).map_err(|e| format!("mlockall failed: {e}; cached keys may be swapped out"))
 }
 
 /// CAP_IPC_LOCK (bit 14) in the effective set, from /proc/self/status.

@@ -1077,11 +1077,13 @@ async fn seal_item(
     tenant: &TenantId,
     item: SealItem,
 ) -> Result<Sealed, ApiError> {
-    // Decoded straight into the envelope's buffer (sealed in place). The capacity covers the
-    // decoder's estimate, so it never reallocates and leaves no copy of the plaintext behind.
+    // Decoded straight into the envelope's buffer (sealed in place), into room reserved for the
+    // decoder's upper bound, so no copy of the plaintext is left behind.
     let b64 = item.plaintext.expose_secret().as_bytes();
-    let mut plaintext = SealBuffer::with_capacity(base64::decoded_len_estimate(b64.len()));
-    B64.decode_vec(b64, plaintext.as_mut_vec())
+    let max = base64::decoded_len_estimate(b64.len());
+    let mut plaintext = SealBuffer::with_capacity(max);
+    plaintext
+        .append_with(max, |room| B64.decode_slice(b64, room))
         .map_err(|_| ApiError::InvalidBase64("plaintext"))?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
     let (ct, key_version) = state
@@ -1290,7 +1292,12 @@ async fn read_body(
     } else {
         0
     };
-    let mut buf = Zeroizing::new(Vec::with_capacity(headroom + declared + tail));
+    // The declared length is trusted only up to 1 MiB before bytes arrive: a caller that
+    // declares 4 MiB and stalls does not get 4 MiB reserved (and wiped) for nothing.
+    let upfront = declared.min(1 << 20);
+    let mut buf = Zeroizing::new(Vec::with_capacity(
+        headroom.saturating_add(upfront).saturating_add(tail),
+    ));
     buf.resize(headroom, 0);
     let mut body = req.into_body();
     let read = async {
@@ -1300,13 +1307,16 @@ async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if buf.len() - headroom + data.len() > max {
+            if (buf.len() - headroom).saturating_add(data.len()) > max {
                 return Err(ApiError::BodyTooLarge { max });
             }
+            // Bounded by the checks above (and max_body_bytes ≤ 1 GiB): cannot overflow.
             let needed = buf.len() + data.len() + tail;
             if needed > buf.capacity() {
                 // Grow by hand so the old buffer is zeroized, not freed with body bytes in it.
-                let cap = needed.max(buf.capacity() * 2).min(headroom + max + tail);
+                let cap = needed
+                    .max(buf.capacity().saturating_mul(2))
+                    .min(headroom + max + tail);
                 let mut grown = Zeroizing::new(Vec::with_capacity(cap));
                 grown.extend_from_slice(&buf);
                 buf = grown;

@@ -9,7 +9,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::keys::{DataKey, SecretBytes};
-use super::{CryptoError, fill_public_random};
+use super::{CryptoError, fill_random};
 use crate::tenant::TenantId;
 
 pub const VERSION_1: u8 = 0x01;
@@ -202,11 +202,24 @@ impl SealBuffer {
         }
     }
 
-    /// The underlying vector, for decoders that append (e.g. base64's `decode_vec`): call
-    /// `reserve` with an upper bound of what they write first, so that they never reallocate.
-    /// Its first `HEADER_LEN` bytes are reserved: write only past them.
-    pub fn as_mut_vec(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+    /// Appends up to `max` bytes written by `fill` straight into the buffer (e.g. a base64
+    /// decoder), which returns how many it wrote. The room is reserved first and the slice
+    /// handed out is exactly that room, so nothing can reallocate and leave plaintext behind.
+    pub fn append_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), E> {
+        self.reserve(max);
+        let start = self.0.len();
+        self.0.resize(start.saturating_add(max), 0);
+        let written = fill(&mut self.0[start..]);
+        let n = match &written {
+            Ok(n) => (*n).min(max),
+            Err(_) => 0,
+        };
+        self.0.truncate(start + n);
+        written.map(|_| ())
     }
 
     /// The plaintext written so far.
@@ -234,7 +247,7 @@ pub fn seal_buffer(
     buf: SealBuffer,
 ) -> Result<Vec<u8>, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
-    fill_public_random(&mut salt)?;
+    fill_random(&mut salt)?;
     seal_buffer_with_salt(key, key_version, ctx, buf, &salt)
 }
 
@@ -246,7 +259,7 @@ pub fn seal(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
-    fill_public_random(&mut salt)?;
+    fill_random(&mut salt)?;
     seal_with_salt(key, key_version, ctx, plaintext, &salt)
 }
 

@@ -261,3 +261,28 @@ fn seal_buffer_from_headroom_needs_the_header_room() {
     let ct = seal_buffer(&key(2), 1, &ctx(&t, b""), buf).unwrap();
     assert_eq!(open(&ct, &key(2), &ctx(&t, b"")).unwrap(), b"hello");
 }
+
+#[test]
+fn append_with_keeps_only_what_was_written() {
+    let mut buf = SealBuffer::with_capacity(4);
+    buf.extend_from_slice(b"ab");
+    buf.append_with(10, |room| {
+        assert_eq!(room.len(), 10);
+        room[..3].copy_from_slice(b"cde");
+        Ok::<_, ()>(3)
+    })
+    .unwrap();
+    assert_eq!(buf.plaintext(), b"abcde");
+    // A failing writer leaves what was there before.
+    assert_eq!(
+        buf.append_with(5, |room| {
+            room.fill(9);
+            Err::<usize, _>("bad input")
+        }),
+        Err("bad input")
+    );
+    assert_eq!(buf.plaintext(), b"abcde");
+    let t = tenant("acme");
+    let ct = seal_buffer(&key(4), 1, &ctx(&t, b""), buf).unwrap();
+    assert_eq!(open(&ct, &key(4), &ctx(&t, b"")).unwrap(), b"abcde");
+}
