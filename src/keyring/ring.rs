@@ -25,6 +25,35 @@ use crate::providers::{
 };
 use crate::tenant::TenantId;
 
+/// Runs a seal or open of a `len`-byte message under its context: inline, or on the blocking
+/// pool above `BLOCKING_THRESHOLD`. `None` if the blocking task died.
+async fn in_context<T: Send + 'static>(
+    tenant: &TenantId,
+    purpose: Purpose,
+    aad: &[u8],
+    len: usize,
+    f: impl FnOnce(&SealContext<'_>) -> T + Send + 'static,
+) -> Option<T> {
+    if len <= BLOCKING_THRESHOLD {
+        return Some(f(&SealContext {
+            tenant,
+            purpose,
+            aad,
+        }));
+    }
+    let tenant = tenant.clone();
+    let aad = aad.to_vec();
+    tokio::task::spawn_blocking(move || {
+        f(&SealContext {
+            tenant: &tenant,
+            purpose,
+            aad: &aad,
+        })
+    })
+    .await
+    .ok()
+}
+
 /// Tries of a rotation that keeps losing to concurrent ones (each loss is another rotation's
 /// success, so this bounds a crowd of this size, not a livelock).
 const ROTATE_ATTEMPTS: u32 = 32;
@@ -209,27 +238,12 @@ impl Keyring {
             .await?;
         let version = record.active_version;
         let key = self.version_key(&record, version).await?;
-        let ct = if plaintext.plaintext_len() > BLOCKING_THRESHOLD {
-            let tenant = tenant.clone();
-            let aad = aad.to_vec();
-            tokio::task::spawn_blocking(move || {
-                let ctx = SealContext {
-                    tenant: &tenant,
-                    purpose,
-                    aad: &aad,
-                };
-                envelope::seal_buffer(&key, version, &ctx, plaintext)
-            })
-            .await
-            .map_err(|_| KeyringError::Internal("sealing task failed"))??
-        } else {
-            let ctx = SealContext {
-                tenant,
-                purpose,
-                aad,
-            };
-            envelope::seal_buffer(&key, version, &ctx, plaintext)?
-        };
+        let len = plaintext.plaintext_len();
+        let ct = in_context(tenant, purpose, aad, len, move |ctx| {
+            envelope::seal_buffer(&key, version, ctx, plaintext)
+        })
+        .await
+        .ok_or(KeyringError::Internal("sealing task failed"))??;
         Ok((ct, version))
     }
 
@@ -273,27 +287,12 @@ impl Keyring {
             (env.key_version(), env.plaintext_len())
         };
         let key = self.opening_key(tenant, version).await?;
-        if len > BLOCKING_THRESHOLD {
-            let tenant = tenant.clone();
-            let aad = aad.to_vec();
-            return tokio::task::spawn_blocking(move || {
-                let ctx = SealContext {
-                    tenant: &tenant,
-                    purpose,
-                    aad: &aad,
-                };
-                envelope::open_owned(&key, &ctx, ciphertext)
-            })
-            .await
-            .map_err(|_| KeyringError::DecryptFailed)?
-            .map_err(|_| KeyringError::DecryptFailed);
-        }
-        let ctx = SealContext {
-            tenant,
-            purpose,
-            aad,
-        };
-        envelope::open_owned(&key, &ctx, ciphertext).map_err(|_| KeyringError::DecryptFailed)
+        in_context(tenant, purpose, aad, len, move |ctx| {
+            envelope::open_owned(&key, ctx, ciphertext)
+        })
+        .await
+        .ok_or(KeyringError::DecryptFailed)?
+        .map_err(|_| KeyringError::DecryptFailed)
     }
 
     /// The key that opens `version` of `tenant`, with the checks every open makes first.
