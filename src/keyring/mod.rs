@@ -2,6 +2,7 @@
 //! zeroizing cache of unwrapped keys. Defines the storage port it needs (`KeyringStore`), which
 //! the `store` engines implement; knows nothing about SQL or HTTP.
 
+mod cache;
 mod rewrap;
 mod ring;
 

@@ -8,17 +8,16 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use moka::future::Cache;
-use moka::notification::RemovalCause;
 use zeroize::Zeroizing;
 
+use super::cache::{TenantCache, TenantView};
 use super::{
     Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
     ShredTarget, StoreChange, TenantRecord, Wrapping,
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealBuffer, SealContext};
 use crate::crypto::{DataKey, SecretBytes};
-use crate::metrics::{CacheKind, Eviction, Metrics};
+use crate::metrics::{CacheKind, Metrics};
 use crate::providers::metered::Metered;
 use crate::providers::{
     ProviderError, RootFactory, RootId, RootProvider, WrapContext, WrapPurpose,
@@ -128,21 +127,13 @@ struct Inner {
     /// Makes the roots tenants are bound to (BYOK) that are not configured.
     factory: Option<Arc<dyn RootFactory>>,
     options: KeyringOptions,
-    keys: Cache<(TenantId, u32), Arc<DataKey>>,
-    /// Keys kept `stale_if_error` past the TTL, consulted only when every root is unreachable.
-    stale: Option<Cache<(TenantId, u32), StaleKey>>,
-    tenants: Cache<TenantId, Arc<TenantRecord>>,
+    /// Tenant records and unwrapped keys; keys are kept `stale_if_error` past the TTL, for use
+    /// only while every root holding them is unreachable.
+    cache: TenantCache,
     metrics: Arc<Metrics>,
     /// Serialises moves between roots in this process, so two concurrent set-root calls do not
     /// interleave their drops (sidecars sharing a store can still race; rerunning settles it).
     moves: tokio::sync::Mutex<()>,
-}
-
-/// A key of the stale side cache and the root that last unwrapped it.
-#[derive(Clone)]
-struct StaleKey {
-    key: Arc<DataKey>,
-    root: RootId,
 }
 
 impl Keyring {
@@ -171,33 +162,19 @@ impl Keyring {
             .into_iter()
             .map(|r| Metered::counting(r, &metrics))
             .collect();
-        let keys = Cache::builder()
-            .max_capacity(options.cache_max_entries)
-            .time_to_live(options.cache_ttl)
-            .support_invalidation_closures()
-            .eviction_listener(count_evictions(&metrics, CacheKind::Keys))
-            .build();
-        let stale = (!options.stale_if_error.is_zero()).then(|| {
-            Cache::builder()
-                .max_capacity(options.cache_max_entries)
-                .time_to_live(options.cache_ttl.saturating_add(options.stale_if_error))
-                .support_invalidation_closures()
-                .build()
-        });
-        let tenants = Cache::builder()
-            .max_capacity(options.cache_max_entries)
-            .time_to_live(options.cache_ttl)
-            .eviction_listener(count_evictions(&metrics, CacheKind::Tenants))
-            .build();
+        let cache = TenantCache::new(
+            options.cache_max_entries,
+            options.cache_ttl,
+            options.stale_if_error,
+            metrics.clone(),
+        );
         Ok(Keyring {
             inner: Arc::new(Inner {
                 store,
                 roots,
                 factory,
                 options,
-                keys,
-                stale,
-                tenants,
+                cache,
                 metrics,
                 moves: tokio::sync::Mutex::new(()),
             }),
@@ -237,7 +214,9 @@ impl Keyring {
             .tenant(tenant, self.inner.options.auto_create_tenants)
             .await?;
         let version = record.active_version;
-        let key = self.version_key(&record, version).await?;
+        let key = self
+            .version_key(tenant, record.root.as_deref(), version)
+            .await?;
         let len = plaintext.plaintext_len();
         let ct = in_context(tenant, purpose, aad, len, move |ctx| {
             envelope::seal_buffer(&key, version, ctx, plaintext)
@@ -308,7 +287,10 @@ impl Keyring {
         if version < record.min_decrypt_version {
             return Err(KeyringError::KeyVersionRetired);
         }
-        match self.version_key(&record, version).await {
+        match self
+            .version_key(tenant, record.root.as_deref(), version)
+            .await
+        {
             Ok(k) => Ok(k),
             Err(KeyringError::KeyUnwrapFailed { .. })
             | Err(KeyringError::Provider(ProviderError::UnwrapFailed { .. })) => {
@@ -362,7 +344,7 @@ impl Keyring {
         let record = self
             .tenant(tenant, self.inner.options.auto_create_tenants)
             .await?;
-        let first = self.version_key(&record, 1).await?;
+        let first = self.version_key(tenant, record.root.as_deref(), 1).await?;
         let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, first.expose());
         let mut out = zeroize::Zeroizing::new([0u8; 32]);
         hk.expand(b"kms-sidecar/token-index/v1", out.as_mut_slice())
@@ -709,20 +691,12 @@ impl Keyring {
 
     /// Drops everything cached for a tenant, including stale keys.
     pub async fn invalidate(&self, tenant: &TenantId) {
-        self.inner.tenants.invalidate(tenant).await;
-        let t = tenant.clone();
-        // Only fails if closures were not enabled on the builder, which `new` does.
-        let _ = self.inner.keys.invalidate_entries_if(move |k, _| k.0 == t);
-        if let Some(stale) = &self.inner.stale {
-            let t = tenant.clone();
-            let _ = stale.invalidate_entries_if(move |k, _| k.0 == t);
-        }
+        self.inner.cache.invalidate(tenant);
     }
 
     /// Drops every cached key and tenant record.
     pub fn invalidate_all(&self) {
-        self.inner.tenants.invalidate_all();
-        self.inner.keys.invalidate_all();
+        self.inner.cache.invalidate_all();
     }
 
     /// Follows the store's changes (pushed by the engine, or polled every `poll_every`),
@@ -754,24 +728,22 @@ impl Keyring {
         Ok(())
     }
 
-    /// Number of unwrapped keys held right now (approximate, as moka counts).
+    /// Number of unwrapped keys held right now (including those kept for the stale window).
     pub fn cached_keys(&self) -> u64 {
-        self.inner.keys.entry_count()
+        self.inner.cache.keys()
     }
 
-    /// Brings the caches' sizes in `metrics` up to date, for a scrape: applies the caches'
-    /// pending bookkeeping first (which also reports expired entries as evictions), since
-    /// moka counts entries only then.
+    /// Brings the caches' sizes in `metrics` up to date, for a scrape: drops expired entries
+    /// first (counted as evictions), so the sizes are of what can still be used.
     pub async fn sample_caches(&self) {
         let inner = &self.inner;
-        inner.keys.run_pending_tasks().await;
-        inner.tenants.run_pending_tasks().await;
+        inner.cache.purge_expired();
         inner
             .metrics
-            .cache_entries(CacheKind::Keys, inner.keys.entry_count());
+            .cache_entries(CacheKind::Keys, inner.cache.keys());
         inner
             .metrics
-            .cache_entries(CacheKind::Tenants, inner.tenants.entry_count());
+            .cache_entries(CacheKind::Tenants, inner.cache.records());
     }
 
     /// Awaits one store call, observing its latency under `op` (the store method's name).
@@ -779,118 +751,85 @@ impl Keyring {
         self.inner.metrics.store_call(op, call).await
     }
 
-    async fn tenant(
-        &self,
-        tenant: &TenantId,
-        create: bool,
-    ) -> Result<Arc<TenantRecord>, KeyringError> {
-        let this = self.clone();
-        let t = tenant.clone();
-        let entry = self
-            .inner
-            .tenants
-            .entry(tenant.clone())
-            .or_try_insert_with(async move {
-                match this.timed("tenant", this.inner.store.tenant(&t)).await? {
-                    Some(r) => Ok(Arc::new(r)),
-                    None if create => Ok(Arc::new(this.create(&t).await?)),
-                    None => Err(KeyringError::TenantNotFound),
-                }
-            })
-            .await;
-        let record = match entry {
-            Ok(e) => {
-                self.inner
-                    .metrics
-                    .cache_miss_or_hit(CacheKind::Tenants, e.is_fresh());
-                e.into_value()
-            }
-            Err(e) => {
-                self.inner.metrics.cache_miss(CacheKind::Tenants);
-                return Err((*e).clone());
+    /// What the sealing and opening paths need of a tenant's record: from the cache, or read
+    /// (and created, if `create` and it does not exist) once for all concurrent callers.
+    async fn tenant(&self, tenant: &TenantId, create: bool) -> Result<TenantView, KeyringError> {
+        let cache = &self.inner.cache;
+        let view = match cache.record(tenant) {
+            Some(view) => view,
+            None => {
+                let load = async {
+                    match self
+                        .timed("tenant", self.inner.store.tenant(tenant))
+                        .await?
+                    {
+                        Some(r) => Ok(TenantView::from(&r)),
+                        None if create => Ok(TenantView::from(&self.create(tenant).await?)),
+                        None => Err(KeyringError::TenantNotFound),
+                    }
+                };
+                cache.load_record(tenant, create, load).await?
             }
         };
-        if record.destroyed_at.is_some() {
+        if view.destroyed {
             return Err(KeyringError::TenantDestroyed);
         }
-        Ok(record)
+        Ok(view)
     }
 
+    /// The unwrapped key of a version: from the cache, or read and unwrapped once for all
+    /// concurrent callers; past the TTL while every root is unreachable, a stale key if allowed.
     async fn version_key(
         &self,
-        tenant: &TenantRecord,
+        tenant: &TenantId,
+        own_root: Option<&RootId>,
         version: u32,
     ) -> Result<Arc<DataKey>, KeyringError> {
-        let this = self.clone();
-        let t = tenant.tenant.clone();
-        let own_root = tenant.root.clone();
-        let cache_key = (t.clone(), version);
-        let entry = self
-            .inner
-            .keys
-            .entry(cache_key.clone())
-            .or_try_insert_with(async move {
-                let store = &this.inner.store;
-                let Some(record) = this
-                    .timed("key_version", store.key_version(&t, version))
-                    .await?
-                else {
-                    return Err(KeyringError::DecryptFailed);
-                };
-                if record.state == KeyState::Destroyed {
-                    return Err(KeyringError::KeyVersionDestroyed);
-                }
-                let roots = this.unwrap_roots(own_root.as_ref(), &record);
-                let (key, root) =
-                    unwrap_with(&roots, &t, &record, Some(&this.inner.metrics)).await?;
-                let key = Arc::new(key);
-                if let Some(stale) = &this.inner.stale {
-                    let entry = StaleKey {
-                        key: key.clone(),
-                        root,
-                    };
-                    stale.insert((t.clone(), version), entry).await;
-                }
-                Ok(key)
-            })
-            .await;
-        match entry {
-            Ok(e) => {
-                self.inner
-                    .metrics
-                    .cache_miss_or_hit(CacheKind::Keys, e.is_fresh());
-                Ok(e.into_value())
+        let cache = &self.inner.cache;
+        if let Some(key) = cache.key(tenant, version) {
+            return Ok(key);
+        }
+        let load = async {
+            let store = &self.inner.store;
+            let Some(record) = self
+                .timed("key_version", store.key_version(tenant, version))
+                .await?
+            else {
+                return Err(KeyringError::DecryptFailed);
+            };
+            if record.state == KeyState::Destroyed {
+                return Err(KeyringError::KeyVersionDestroyed);
             }
-            Err(e) => {
-                self.inner.metrics.cache_miss(CacheKind::Keys);
-                let err: KeyringError = (*e).clone();
-                self.stale_fallback(&cache_key, err).await
-            }
+            let roots = self.unwrap_roots(own_root, &record);
+            let (key, root) =
+                unwrap_with(&roots, tenant, &record, Some(&self.inner.metrics)).await?;
+            Ok((Arc::new(key), root))
+        };
+        match cache.load_key(tenant, version, load).await {
+            Ok(key) => Ok(key),
+            Err(err) => self.stale_fallback(tenant, version, err),
         }
     }
 
     /// After a failed unwrap: an unreachable root may be bridged by a stale key; a refusing root
     /// drops every stale key it unwrapped, so a revocation is never extended once it is seen.
-    async fn stale_fallback(
+    fn stale_fallback(
         &self,
-        cache_key: &(TenantId, u32),
+        tenant: &TenantId,
+        version: u32,
         err: KeyringError,
     ) -> Result<Arc<DataKey>, KeyringError> {
-        let Some(stale) = &self.inner.stale else {
-            return Err(err);
-        };
         match &err {
             KeyringError::Provider(ProviderError::Unavailable { .. }) => {
-                if let Some(s) = stale.get(cache_key).await {
+                if let Some((key, root)) = self.inner.cache.stale_key(tenant, version) {
                     self.inner.metrics.stale_key_served();
-                    tracing::warn!(tenant = %cache_key.0, version = cache_key.1, root = %s.root,
+                    tracing::warn!(tenant = %tenant, version, root = %root,
                         "root unreachable; using a key past the cache TTL (stale_if_error)");
-                    return Ok(s.key);
+                    return Ok(key);
                 }
             }
             KeyringError::Provider(ProviderError::AccessDenied { root }) => {
-                let root = root.clone();
-                let _ = stale.invalidate_entries_if(move |_, v| v.root.as_str() == root);
+                self.inner.cache.deny_stale(root);
             }
             _ => {}
         }
@@ -1059,24 +998,6 @@ pub(crate) async fn unwrap_with(
             reason: "no configured root holds a wrap of this key version".into(),
         }
         .into()),
-    }
-}
-
-/// An eviction listener counting into `metrics` the entries that leave `cache`; a replaced
-/// value is not an eviction.
-fn count_evictions<K, V>(
-    metrics: &Arc<Metrics>,
-    cache: CacheKind,
-) -> impl Fn(Arc<K>, V, RemovalCause) + Send + Sync + 'static {
-    let metrics = metrics.clone();
-    move |_, _, cause| {
-        let eviction = match cause {
-            RemovalCause::Size => Eviction::Size,
-            RemovalCause::Expired => Eviction::Expired,
-            RemovalCause::Explicit => Eviction::Invalidated,
-            RemovalCause::Replaced => return,
-        };
-        metrics.cache_eviction(cache, eviction);
     }
 }
 
