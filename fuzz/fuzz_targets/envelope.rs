@@ -6,7 +6,7 @@ use kms_sidecar::crypto::envelope::{self, Envelope, Purpose, SealContext};
 use kms_sidecar::crypto::DataKey;
 use kms_sidecar::tenant::TenantId;
 use libfuzzer_sys::fuzz_target;
-use zeroize::Zeroizing;
+use kms_sidecar::crypto::SecretVec;
 
 fuzz_target!(|data: &[u8]| {
     let key = DataKey::from_slice(&[7; 32]).unwrap();
@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let ctx = SealContext { tenant: &tenant, purpose: Purpose::Data, aad: b"" };
     // The in-place open (octet-stream and JSON open) on the same bytes: never opens either.
     assert!(
-        envelope::open_owned(&key, &ctx, Zeroizing::new(data.to_vec())).is_err(),
+        envelope::open_owned(&key, &ctx, SecretVec::from(data.to_vec())).is_err(),
         "a random input opened in place"
     );
     let Ok(env) = Envelope::parse(data) else {

@@ -21,7 +21,7 @@ use super::auth::{Operation, Peer, Principal};
 use super::error::ApiError;
 use crate::audit::Record;
 use crate::crypto::envelope::SealBuffer;
-use crate::crypto::{Purpose, SecretBytes};
+use crate::crypto::{Purpose, SecretBytes, SecretVec};
 use crate::keyring::{Approval, ShredTarget};
 use crate::tenant::TenantId;
 
@@ -801,7 +801,7 @@ async fn dispatch(
         Action::Open if octets => {
             let aad = header_aad.unwrap_or_default();
             let pt = kr.open_owned(&tenant, Purpose::Data, &aad, body).await?;
-            let mut resp = Response::new(Full::new(zeroizing_bytes(pt.into_zeroizing())));
+            let mut resp = Response::new(Full::new(zeroizing_bytes(pt.into_secret_vec())));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(OCTETS));
             Ok(resp)
@@ -1272,7 +1272,7 @@ async fn read_body(
     req: Request<Incoming>,
     max: usize,
     headroom: usize,
-) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+) -> Result<SecretVec, ApiError> {
     let declared = match req.headers().get(CONTENT_LENGTH) {
         Some(len) => {
             let len: usize = std::str::from_utf8(len.as_bytes())
@@ -1295,9 +1295,7 @@ async fn read_body(
     // The declared length is trusted only up to 1 MiB before bytes arrive: a caller that
     // declares 4 MiB and stalls does not get 4 MiB reserved (and wiped) for nothing.
     let upfront = declared.min(1 << 20);
-    let mut buf = Zeroizing::new(Vec::with_capacity(
-        headroom.saturating_add(upfront).saturating_add(tail),
-    ));
+    let mut buf = SecretVec::with_capacity(headroom.saturating_add(upfront).saturating_add(tail));
     buf.resize(headroom, 0);
     let mut body = req.into_body();
     let read = async {
@@ -1317,7 +1315,7 @@ async fn read_body(
                 let cap = needed
                     .max(buf.capacity().saturating_mul(2))
                     .min(headroom + max + tail);
-                let mut grown = Zeroizing::new(Vec::with_capacity(cap));
+                let mut grown = SecretVec::with_capacity(cap);
                 grown.extend_from_slice(&buf);
                 buf = grown;
             }
@@ -1360,21 +1358,21 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> 
     })
 }
 
-fn decode(field: &'static str, b64: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+fn decode(field: &'static str, b64: &[u8]) -> Result<SecretVec, ApiError> {
     B64.decode(b64)
-        .map(Zeroizing::new)
+        .map(SecretVec::from)
         .map_err(|_| ApiError::InvalidBase64(field))
 }
 
-fn optional_b64(field: &'static str, b64: Option<&str>) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+fn optional_b64(field: &'static str, b64: Option<&str>) -> Result<SecretVec, ApiError> {
     match b64 {
         Some(s) => decode(field, s.as_bytes()),
-        None => Ok(Zeroizing::new(Vec::new())),
+        None => Ok(SecretVec::new()),
     }
 }
 
 /// A body whose bytes are zeroized when hyper drops the last reference to them.
-fn zeroizing_bytes(v: Zeroizing<Vec<u8>>) -> Bytes {
+fn zeroizing_bytes(v: SecretVec) -> Bytes {
     Bytes::from_owner(v)
 }
 
@@ -1399,7 +1397,7 @@ fn opened_response(plaintext: &[u8]) -> Response<Full<Bytes>> {
     const HEAD: &[u8] = br#"{"plaintext":""#;
     const TAIL: &[u8] = br#""}"#;
     let encoded = base64::encoded_len(plaintext.len(), true).unwrap_or(usize::MAX);
-    let mut buf = Zeroizing::new(vec![
+    let mut buf = SecretVec::from(vec![
         0u8;
         HEAD.len()
             .saturating_add(encoded)
@@ -1448,7 +1446,7 @@ fn secret_body<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
     if serde_json::to_writer(&mut size, v).is_err() {
         return error_response(&ApiError::Internal, "unknown");
     }
-    let mut buf = Zeroizing::new(Vec::with_capacity(size.0));
+    let mut buf = SecretVec::with_capacity(size.0);
     if serde_json::to_writer(&mut *buf, v).is_err() {
         return error_response(&ApiError::Internal, "unknown");
     }

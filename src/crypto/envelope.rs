@@ -8,7 +8,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::keys::{DataKey, SecretBytes};
+use super::keys::{DataKey, SecretBytes, SecretVec};
 use super::{CryptoError, fill_random};
 use crate::tenant::TenantId;
 
@@ -106,7 +106,7 @@ impl<'a> Envelope<'a> {
         let (cipher, nonce, aad) = self.opener(key, ctx)?;
         let tag = Tag::try_from(self.tag).map_err(|_| CryptoError::DecryptFailed)?;
         // Zeroizing from the start: a failed open may leave unverified plaintext in the buffer.
-        let mut out = Zeroizing::new(self.body.to_vec());
+        let mut out = SecretVec::from(self.body.to_vec());
         cipher
             .open_in_place_separate_tag(nonce, Aad::from(aad), tag, out.as_mut_slice(), 0..)
             .map_err(|_| CryptoError::DecryptFailed)?;
@@ -137,7 +137,7 @@ impl<'a> Envelope<'a> {
 pub fn open_owned(
     key: &DataKey,
     ctx: &SealContext<'_>,
-    envelope: Zeroizing<Vec<u8>>,
+    envelope: SecretVec,
 ) -> Result<SecretBytes, CryptoError> {
     let mut buf = envelope;
     let (cipher, nonce, aad) = {
@@ -154,19 +154,19 @@ pub fn open_owned(
 
 /// A plaintext laid out for sealing in place: room for the header in front and the tag behind,
 /// so that sealing needs no second buffer. Zeroized on drop.
-pub struct SealBuffer(Zeroizing<Vec<u8>>);
+pub struct SealBuffer(SecretVec);
 
 impl SealBuffer {
     /// An empty plaintext with room for `plaintext_len` bytes.
     pub fn with_capacity(plaintext_len: usize) -> Self {
-        let mut buf = Zeroizing::new(Vec::with_capacity(OVERHEAD.saturating_add(plaintext_len)));
+        let mut buf = SecretVec::with_capacity(OVERHEAD.saturating_add(plaintext_len));
         buf.resize(HEADER_LEN, 0);
         SealBuffer(buf)
     }
 
     /// A buffer whose first `HEADER_LEN` bytes are headroom and the rest the plaintext (e.g. a
     /// request body read with that headroom). Keep `TAG_LEN` spare capacity to avoid a copy.
-    pub fn from_headroom(buf: Zeroizing<Vec<u8>>) -> Result<Self, CryptoError> {
+    pub fn from_headroom(buf: SecretVec) -> Result<Self, CryptoError> {
         if buf.len() < HEADER_LEN {
             return Err(CryptoError::Malformed);
         }
@@ -195,7 +195,7 @@ impl SealBuffer {
             .saturating_add(additional)
             .saturating_add(TAG_LEN);
         if needed > self.0.capacity() {
-            let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(self.0.capacity() * 2)));
+            let mut grown = SecretVec::with_capacity(needed.max(self.0.capacity() * 2));
             grown.extend_from_slice(&self.0);
             // The old buffer is zeroized as it drops.
             self.0 = grown;

@@ -226,7 +226,7 @@ proptest! {
         prop_assert_eq!(buf.plaintext(), &pt[..]);
         let in_place = seal_buffer_with_salt(&key(1), 3, &c, buf, &salt).unwrap();
         prop_assert_eq!(&in_place, &copied);
-        let opened = open_owned(&key(1), &c, Zeroizing::new(in_place)).unwrap();
+        let opened = open_owned(&key(1), &c, SecretVec::from(in_place)).unwrap();
         prop_assert_eq!(opened.expose(), &pt[..]);
     }
 
@@ -242,7 +242,7 @@ proptest! {
         let mut ct = seal(&key(1), 1, &c, &pt).unwrap();
         let i = at.index(ct.len());
         ct[i] ^= 1 << bit;
-        let err = open_owned(&key(1), &c, Zeroizing::new(ct)).unwrap_err();
+        let err = open_owned(&key(1), &c, SecretVec::from(ct)).unwrap_err();
         prop_assert!(matches!(err, CryptoError::DecryptFailed | CryptoError::Malformed));
     }
 }
@@ -250,12 +250,12 @@ proptest! {
 #[test]
 fn seal_buffer_from_headroom_needs_the_header_room() {
     assert_eq!(
-        SealBuffer::from_headroom(Zeroizing::new(vec![0; HEADER_LEN - 1])).unwrap_err(),
+        SealBuffer::from_headroom(SecretVec::from(vec![0; HEADER_LEN - 1])).unwrap_err(),
         CryptoError::Malformed
     );
     let mut raw = vec![0; HEADER_LEN];
     raw.extend_from_slice(b"hello");
-    let buf = SealBuffer::from_headroom(Zeroizing::new(raw)).unwrap();
+    let buf = SealBuffer::from_headroom(SecretVec::from(raw)).unwrap();
     assert_eq!(buf.plaintext(), b"hello");
     let t = tenant("acme");
     let ct = seal_buffer(&key(2), 1, &ctx(&t, b""), buf).unwrap();

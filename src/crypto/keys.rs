@@ -5,7 +5,7 @@ use std::fmt;
 
 use secrecy::{ExposeSecret, SecretBox};
 use subtle::ConstantTimeEq;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use super::{CryptoError, fill_random};
 
@@ -61,12 +61,79 @@ impl fmt::Debug for DataKey {
     }
 }
 
+/// A growable byte buffer that is wiped, with its spare capacity, when it drops.
+///
+/// `Zeroizing<Vec<u8>>` wipes a vector one volatile byte store at a time, which costs as much
+/// as a 1 MiB request's encryption; this wipes the same bytes with `zeroize`'s slice path (a
+/// memset behind an optimisation barrier). Growing it by hand (`reserve`, `extend_from_slice`
+/// past its capacity) can leave copies in freed memory, like any `Vec`: callers that grow
+/// buffers holding secrets move them into a new `SecretVec` instead.
+#[derive(Default)]
+pub struct SecretVec(Vec<u8>);
+
+impl SecretVec {
+    pub fn new() -> Self {
+        SecretVec(Vec::new())
+    }
+
+    pub fn with_capacity(capacity: usize) -> Self {
+        SecretVec(Vec::with_capacity(capacity))
+    }
+}
+
+impl From<Vec<u8>> for SecretVec {
+    fn from(v: Vec<u8>) -> Self {
+        SecretVec(v)
+    }
+}
+
+impl std::ops::Deref for SecretVec {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SecretVec {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl AsRef<[u8]> for SecretVec {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Zeroize for SecretVec {
+    fn zeroize(&mut self) {
+        self.0.as_mut_slice().zeroize();
+        self.0.spare_capacity_mut().zeroize();
+        self.0.clear();
+    }
+}
+
+impl Drop for SecretVec {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for SecretVec {}
+
+impl fmt::Debug for SecretVec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretVec({} bytes)", self.0.len())
+    }
+}
+
 /// Secret bytes of any length (plaintexts, unwrapped values), zeroized on drop.
-pub struct SecretBytes(Zeroizing<Vec<u8>>);
+pub struct SecretBytes(SecretVec);
 
 impl SecretBytes {
     pub fn new(bytes: Vec<u8>) -> Self {
-        SecretBytes(Zeroizing::new(bytes))
+        SecretBytes(SecretVec::from(bytes))
     }
 
     pub fn expose(&self) -> &[u8] {
@@ -81,17 +148,17 @@ impl SecretBytes {
         self.0.is_empty()
     }
 
-    /// Hands the bytes on, still zeroizing, e.g. as the owner of a response body.
-    pub fn into_zeroizing(self) -> Zeroizing<Vec<u8>> {
+    /// Hands the bytes on, still wiped on drop, e.g. as the owner of a response body.
+    pub fn into_secret_vec(self) -> SecretVec {
         self.0
     }
 }
 
-/// `Zeroizing` wipes the bytes when they drop.
+/// `SecretVec` wipes the bytes when they drop.
 impl zeroize::ZeroizeOnDrop for SecretBytes {}
 
-impl From<Zeroizing<Vec<u8>>> for SecretBytes {
-    fn from(v: Zeroizing<Vec<u8>>) -> Self {
+impl From<SecretVec> for SecretBytes {
+    fn from(v: SecretVec) -> Self {
         SecretBytes(v)
     }
 }
@@ -125,6 +192,23 @@ mod tests {
         assert_eq!(shown, "DataKey(..)");
         let s = SecretBytes::new(b"hunter2".to_vec());
         assert_eq!(format!("{s:?}"), "SecretBytes(7 bytes)");
+        let v = SecretVec::from(b"hunter2".to_vec());
+        assert_eq!(format!("{v:?}"), "SecretVec(7 bytes)");
+    }
+
+    #[test]
+    fn a_wiped_secret_vec_is_empty_and_keeps_its_allocation() {
+        let mut v = SecretVec::with_capacity(64);
+        v.extend_from_slice(&[0xA5; 48]);
+        v.truncate(16);
+        let (ptr, cap) = (v.as_ptr(), v.capacity());
+        v.zeroize();
+        assert!(v.is_empty());
+        // Same allocation: wiping never moves (and so never copies) the bytes.
+        assert_eq!((v.as_ptr(), v.capacity()), (ptr, cap));
+        let s = SecretBytes::from(SecretVec::from(b"abc".to_vec()));
+        assert_eq!(s.expose(), b"abc");
+        assert_eq!(s.into_secret_vec().as_slice(), b"abc");
     }
 
     /// Every type that holds key or value bytes wipes them on drop: checked at compile time.
@@ -133,6 +217,7 @@ mod tests {
         fn wipes<T: zeroize::ZeroizeOnDrop>() {}
         wipes::<DataKey>();
         wipes::<SecretBytes>();
+        wipes::<SecretVec>();
         wipes::<zeroize::Zeroizing<[u8; KEY_LEN]>>();
         wipes::<secrecy::SecretString>();
         wipes::<aes_gcm::Aes256Gcm>();

@@ -5,7 +5,7 @@ pub mod envelope;
 pub mod keys;
 
 pub use envelope::{Envelope, Purpose, SealContext};
-pub use keys::{DataKey, SecretBytes};
+pub use keys::{DataKey, SecretBytes, SecretVec};
 
 /// Errors of the crypto layer. Deliberately coarse: callers must not learn which check failed.
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]

@@ -8,15 +8,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use zeroize::Zeroizing;
-
 use super::cache::{TenantCache, TenantView};
 use super::{
     Approval, ApprovalState, KeyState, KeyVersionRecord, KeyringError, KeyringStore, RotateOutcome,
     ShredTarget, StoreChange, TenantRecord, Wrapping,
 };
 use crate::crypto::envelope::{self, Envelope, Purpose, SealBuffer, SealContext};
-use crate::crypto::{DataKey, SecretBytes};
+use crate::crypto::{DataKey, SecretBytes, SecretVec};
 use crate::metrics::{CacheKind, Metrics};
 use crate::providers::metered::Metered;
 use crate::providers::{
@@ -239,7 +237,7 @@ impl Keyring {
         let env = Envelope::parse(ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
         if env.plaintext_len() > BLOCKING_THRESHOLD {
             return self
-                .open_owned(tenant, purpose, aad, Zeroizing::new(ciphertext.to_vec()))
+                .open_owned(tenant, purpose, aad, SecretVec::from(ciphertext.to_vec()))
                 .await;
         }
         let key = self.opening_key(tenant, env.key_version()).await?;
@@ -259,7 +257,7 @@ impl Keyring {
         tenant: &TenantId,
         purpose: Purpose,
         aad: &[u8],
-        ciphertext: Zeroizing<Vec<u8>>,
+        ciphertext: SecretVec,
     ) -> Result<SecretBytes, KeyringError> {
         let (version, len) = {
             let env = Envelope::parse(&ciphertext).map_err(|_| KeyringError::DecryptFailed)?;
