@@ -70,6 +70,10 @@ struct Target {
     /// The server's pid, for its CPU time and peak RSS.
     #[arg(long)]
     pid: Option<u32>,
+    /// SO_SNDBUF of the generator's Unix-socket connections (0: the kernel's default), as a
+    /// client sending large bodies would set it.
+    #[arg(long, default_value_t = 0)]
+    sndbuf: usize,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -153,7 +157,13 @@ enum Stream {
 
 async fn connect(t: &Target) -> Result<SendRequest<Full<Bytes>>, Error> {
     let stream = match (&t.unix, &t.tcp) {
-        (Some(p), _) => Stream::Unix(tokio::net::UnixStream::connect(p).await?),
+        (Some(p), _) => {
+            let s = tokio::net::UnixStream::connect(p).await?;
+            if t.sndbuf > 0 {
+                socket2::SockRef::from(&s).set_send_buffer_size(t.sndbuf)?;
+            }
+            Stream::Unix(s)
+        }
         (None, Some(a)) => {
             let s = tokio::net::TcpStream::connect(a).await?;
             s.set_nodelay(true)?;
@@ -607,6 +617,7 @@ async fn ready(socket: &std::path::Path) -> bool {
         bao_key: String::new(),
         tenant: String::new(),
         pid: None,
+        sndbuf: 0,
     };
     let Ok(mut sender) = connect(&t).await else {
         return false;

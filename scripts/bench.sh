@@ -174,6 +174,17 @@ if want bulk; then
   for op in seal open; do
     run_row "sidecar-octets" --unix "$sock" --pid "$main_pid" --op "$op" --size 1048576 --conns 1 --octets
   done
+  # The same with 1 MiB socket send buffers at both ends (limits.unix_send_buffer_bytes and
+  # the client's SO_SNDBUF), as a deployment moving large bodies would set them, and with
+  # two connections so both cores work.
+  start_sidecar "$work/bulk" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8791 KMS_SIDECAR_LIMITS__UNIX_SEND_BUFFER_BYTES=1048576
+  bulk_pid=$sc_pid
+  for op in seal open; do
+    for c in 1 2; do
+      run_row "sidecar-octets-sndbuf" --unix "$work/bulk/data/kms-sidecar.sock" --pid "$bulk_pid" --op "$op" --size 1048576 --conns "$c" --octets --sndbuf 1048576
+    done
+  done
+  kill "$bulk_pid"; wait "$bulk_pid" 2>/dev/null || true
 fi
 
 if want soak; then

@@ -109,6 +109,9 @@ pub struct LimitsConfig {
     pub max_in_flight: usize,
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
+    /// SO_SNDBUF of accepted Unix-socket connections; 0 keeps the kernel's default.
+    #[serde(default)]
+    pub unix_send_buffer_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -120,6 +123,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             max_in_flight: default_max_in_flight(),
             max_headers: default_max_headers(),
+            unix_send_buffer_bytes: 0,
         }
     }
 }
@@ -455,6 +459,10 @@ fn default_max_connections() -> usize {
 fn default_max_in_flight() -> usize {
     512
 }
+/// Bound on `limits.unix_send_buffer_bytes`: the kernel may hold this much (twice, with its
+/// bookkeeping) for every connection whose client stops reading.
+const MAX_SEND_BUFFER: usize = 16 << 20;
+
 fn default_max_headers() -> usize {
     64
 }
@@ -609,6 +617,11 @@ impl Config {
             return Err(ConfigError(
                 "limits.max_connections and limits.max_in_flight must be positive".into(),
             ));
+        }
+        if self.limits.unix_send_buffer_bytes > MAX_SEND_BUFFER {
+            return Err(ConfigError(format!(
+                "limits.unix_send_buffer_bytes must be at most {MAX_SEND_BUFFER}"
+            )));
         }
         if !(8..=1024).contains(&self.limits.max_headers) {
             return Err(ConfigError(
@@ -824,6 +837,7 @@ impl Config {
             max_connections: self.limits.max_connections,
             max_in_flight: self.limits.max_in_flight,
             max_headers: self.limits.max_headers,
+            unix_send_buffer_bytes: self.limits.unix_send_buffer_bytes,
         }
     }
 
@@ -954,6 +968,21 @@ mod tests {
         assert!(!c.auto_create_tenants);
         assert!(c.listen.tcp.is_none());
         assert_eq!(c.worker_threads, 0);
+    }
+
+    #[test]
+    fn the_unix_send_buffer_is_optional_and_bounded() {
+        assert_eq!(
+            Config::load(None, Vec::new())
+                .unwrap()
+                .limits()
+                .unix_send_buffer_bytes,
+            0
+        );
+        let c = load("[limits]\nunix_send_buffer_bytes = 1048576\n", &[]).unwrap();
+        assert_eq!(c.limits().unix_send_buffer_bytes, 1 << 20);
+        let e = load("[limits]\nunix_send_buffer_bytes = 16777217\n", &[]).unwrap_err();
+        assert!(e.0.contains("unix_send_buffer_bytes"), "{}", e.0);
     }
 
     #[test]
