@@ -9,12 +9,12 @@
 //! change seen through `invalidate` is never undone by a read that started before it.
 //!
 //! Unwrapped keys past the TTL are kept for the stale window (when there is one) and handed out
-//! only by `stale_key`, only while their root has not refused since.
+//! only by `stale_key`, and only if their load started after their root's last refusal.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,8 @@ impl From<&TenantRecord> for TenantView {
     }
 }
 
-/// Root index of a key that may not be used past the TTL: the stale window is off, or its root
-/// refused since it was unwrapped, or this process has seen more distinct roots than it indexes.
+/// Root index of a key that may not be used past the TTL: the stale window is off, or this
+/// process has seen more distinct roots than it indexes.
 const NO_STALE: u16 = u16::MAX;
 
 /// Slots a put looks at for expired parts, so that entries nobody asks for again still leave.
@@ -56,7 +56,8 @@ const SWEEP_PER_PUT: usize = 2;
 
 struct KeyEntry {
     key: Arc<DataKey>,
-    /// Milliseconds since the cache's epoch.
+    /// When its load started (before the root was asked), in milliseconds since the cache's
+    /// epoch: the TTL runs from there, and a refusal after it rules out stale use.
     loaded: u64,
     version: u32,
     /// Index in `TenantCache::roots` of the root that unwrapped it, or `NO_STALE`.
@@ -78,6 +79,16 @@ struct Shard {
     slots: Vec<Slot>,
     hand: usize,
     sweep: usize,
+    /// Bumped by every invalidation of one of the shard's tenants; a load that started under
+    /// another value is not kept.
+    generation: u64,
+}
+
+/// Which bound a put must make room under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Record,
+    Keys,
 }
 
 impl Shard {
@@ -147,17 +158,43 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         load: impl Future<Output = Result<V, KeyringError>>,
     ) -> Result<V, KeyringError> {
         let cell = self.running().entry(key.clone()).or_default().clone();
-        let out = cell.get_or_init(|| load).await.clone();
-        let mut running = self.running();
-        if running.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            running.remove(&key);
-        }
+        let mut guard = FlightGuard {
+            flights: self,
+            key,
+            cell,
+            done: false,
+        };
+        let out = guard.cell.get_or_init(|| load).await.clone();
+        guard.done = true;
         out
     }
 
     /// New callers of the keys `drop` picks start their own loads.
     fn forget(&self, drop: impl Fn(&K) -> bool) {
         self.running().retain(|k, _| !drop(k));
+    }
+}
+
+/// Takes a load out of `Flights` when it is done, or when its last caller gives up (its request
+/// was dropped), so abandoned loads do not pile up in the map.
+struct FlightGuard<'a, K: Hash + Eq + Clone, V: Clone> {
+    flights: &'a Flights<K, V>,
+    key: K,
+    cell: Flight<V>,
+    done: bool,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Drop for FlightGuard<'_, K, V> {
+    fn drop(&mut self) {
+        let mut running = self.flights.running();
+        let ours = running
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell));
+        // Two references when no one else waits: the map's and this guard's. Callers clone
+        // under the same lock, so the count cannot rise behind this check.
+        if ours && (self.done || Arc::strong_count(&self.cell) <= 2) {
+            running.remove(&self.key);
+        }
     }
 }
 
@@ -173,13 +210,36 @@ pub(crate) struct TenantCache {
     keep: u64,
     stale: bool,
     epoch: Instant,
-    /// Bumped by every invalidation; a load that started under another value is not kept.
-    generation: AtomicU64,
     /// The roots that unwrapped keys, indexed by `KeyEntry::root` (only with a stale window).
-    roots: Mutex<Vec<RootId>>,
+    roots: Mutex<Roots>,
     record_loads: Flights<(TenantId, bool), TenantView>,
     key_loads: Flights<(TenantId, u32), Arc<DataKey>>,
     metrics: Arc<Metrics>,
+}
+
+/// The roots keys were unwrapped by, and when each last refused.
+#[derive(Default)]
+struct Roots {
+    index: HashMap<RootId, u16>,
+    /// By index: the id, and the time of its last refusal (ms since the epoch).
+    roots: Vec<(RootId, Option<u64>)>,
+}
+
+impl Roots {
+    /// The root's index, added if new; `NO_STALE` once the index space is used up.
+    fn index(&mut self, root: &RootId) -> u16 {
+        if let Some(&i) = self.index.get(root) {
+            return i;
+        }
+        match u16::try_from(self.roots.len()) {
+            Ok(i) if i != NO_STALE => {
+                self.roots.push((root.clone(), None));
+                self.index.insert(root.clone(), i);
+                i
+            }
+            _ => NO_STALE,
+        }
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -207,8 +267,7 @@ impl TenantCache {
             keep: millis(ttl.saturating_add(stale_if_error)),
             stale: !stale_if_error.is_zero(),
             epoch: Instant::now(),
-            generation: AtomicU64::new(0),
-            roots: Mutex::new(Vec::new()),
+            roots: Mutex::new(Roots::default()),
             record_loads: Flights::new(),
             key_loads: Flights::new(),
             metrics,
@@ -217,6 +276,10 @@ impl TenantCache {
 
     fn now(&self) -> u64 {
         millis(self.epoch.elapsed())
+    }
+
+    fn roots(&self) -> MutexGuard<'_, Roots> {
+        self.roots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
@@ -288,7 +351,7 @@ impl TenantCache {
         found
     }
 
-    /// A key past the TTL but inside the stale window whose root has not refused since, and
+    /// A key inside the stale window whose load started after its root's last refusal, and
     /// the root that unwrapped it.
     pub fn stale_key(&self, tenant: &TenantId, version: u32) -> Option<(Arc<DataKey>, RootId)> {
         if !self.stale {
@@ -296,22 +359,21 @@ impl TenantCache {
         }
         let hash = self.hasher.hash_one(tenant);
         let now = self.now();
-        let (key, root) = {
+        let (key, root, loaded) = {
             let shard = self.shard(hash);
             let i = shard.find(hash, tenant)?;
             let e = shard.slots[i].keys.iter().find(|e| e.version == version)?;
             if e.root == NO_STALE || !self.key_kept(e, now) {
                 return None;
             }
-            (e.key.clone(), e.root)
+            (e.key.clone(), e.root, e.loaded)
         };
-        let root = self
-            .roots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(usize::from(root))
-            .cloned()?;
-        Some((key, root))
+        let roots = self.roots();
+        let (root, refused) = roots.roots.get(usize::from(root))?;
+        if refused.is_some_and(|at| at >= loaded) {
+            return None;
+        }
+        Some((key, root.clone()))
     }
 
     /// Loads the tenant's record once for all concurrent callers (`load` runs only if no load
@@ -324,9 +386,9 @@ impl TenantCache {
     ) -> Result<TenantView, KeyringError> {
         self.record_loads
             .run((tenant.clone(), create), async {
-                let generation = self.generation.load(Ordering::Acquire);
+                let (generation, started) = self.start(tenant);
                 let view = load.await?;
-                self.put_record(tenant, view.clone(), generation);
+                self.put_record(tenant, view.clone(), generation, started);
                 Ok(view)
             })
             .await
@@ -342,18 +404,24 @@ impl TenantCache {
     ) -> Result<Arc<DataKey>, KeyringError> {
         self.key_loads
             .run((tenant.clone(), version), async {
-                let generation = self.generation.load(Ordering::Acquire);
+                let (generation, started) = self.start(tenant);
                 let (key, root) = load.await?;
-                self.put_key(tenant, version, key.clone(), &root, generation);
+                self.put_key(tenant, version, key.clone(), &root, generation, started);
                 Ok(key)
             })
             .await
     }
 
-    fn put_record(&self, tenant: &TenantId, view: TenantView, generation: u64) {
+    /// The tenant's shard generation and the time, as a load starts.
+    fn start(&self, tenant: &TenantId) -> (u64, u64) {
+        let generation = self.shard(self.hasher.hash_one(tenant)).generation;
+        (generation, self.now())
+    }
+
+    fn put_record(&self, tenant: &TenantId, view: TenantView, generation: u64, started: u64) {
         let hash = self.hasher.hash_one(tenant);
         let mut shard = self.shard(hash);
-        if self.generation.load(Ordering::Acquire) != generation {
+        if shard.generation != generation {
             return;
         }
         let now = self.now();
@@ -361,20 +429,20 @@ impl TenantCache {
         if let Some(i) = shard.find(hash, tenant) {
             let slot = &mut shard.slots[i];
             if slot.record.is_some() {
-                slot.record = Some((view, now));
+                slot.record = Some((view, started));
                 slot.referenced = true;
                 return;
             }
         }
         while self.records.load(Ordering::Relaxed) >= self.max_entries
-            && self.evict_one(&mut shard, now)
+            && self.evict_one(&mut shard, now, Part::Record)
         {}
         let i = match shard.find(hash, tenant) {
             Some(i) => i,
             None => shard.push(hash, &self.hasher, tenant.clone()),
         };
         let slot = &mut shard.slots[i];
-        slot.record = Some((view, now));
+        slot.record = Some((view, started));
         slot.referenced = true;
         self.records.fetch_add(1, Ordering::Relaxed);
     }
@@ -386,22 +454,23 @@ impl TenantCache {
         key: Arc<DataKey>,
         root: &RootId,
         generation: u64,
+        started: u64,
     ) {
         let root = if self.stale {
-            self.root_index(root)
+            self.roots().index(root)
         } else {
             NO_STALE
         };
         let hash = self.hasher.hash_one(tenant);
         let mut shard = self.shard(hash);
-        if self.generation.load(Ordering::Acquire) != generation {
+        if shard.generation != generation {
             return;
         }
         let now = self.now();
         self.sweep(&mut shard, now);
         let entry = KeyEntry {
             key,
-            loaded: now,
+            loaded: started,
             version,
             root,
         };
@@ -414,7 +483,7 @@ impl TenantCache {
             }
         }
         while self.keys.load(Ordering::Relaxed) >= self.max_entries
-            && self.evict_one(&mut shard, now)
+            && self.evict_one(&mut shard, now, Part::Keys)
         {}
         let i = match shard.find(hash, tenant) {
             Some(i) => i,
@@ -426,37 +495,46 @@ impl TenantCache {
         self.keys.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn root_index(&self, root: &RootId) -> u16 {
-        let mut roots = self.roots.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = roots.iter().position(|r| r == root) {
-            return u16::try_from(i).unwrap_or(NO_STALE);
-        }
-        match u16::try_from(roots.len()) {
-            Ok(i) if i != NO_STALE => {
-                roots.push(root.clone());
-                i
-            }
-            _ => NO_STALE,
-        }
-    }
-
-    /// Evicts the first slot the clock hand finds unreferenced. False if the shard is empty.
-    fn evict_one(&self, shard: &mut Shard, now: u64) -> bool {
+    /// Evicts `part` (the record, or every key) of the first slot holding one that the clock
+    /// hand finds unreferenced; the slot goes too if nothing is left in it. False if no slot of
+    /// the shard holds such a part.
+    fn evict_one(&self, shard: &mut Shard, now: u64, part: Part) -> bool {
         // Two turns at most: the first clears every bit it passes.
         for _ in 0..=2 * shard.slots.len() {
             if shard.hand >= shard.slots.len() {
                 shard.hand = 0;
             }
-            let Some(slot) = shard.slots.get_mut(shard.hand) else {
+            let at = shard.hand;
+            let Some(slot) = shard.slots.get_mut(at) else {
                 return false;
             };
-            if slot.referenced {
+            let holds = match part {
+                Part::Record => slot.record.is_some(),
+                Part::Keys => !slot.keys.is_empty(),
+            };
+            if !holds || slot.referenced {
                 slot.referenced = false;
                 shard.hand += 1;
                 continue;
             }
-            let slot = shard.remove(&self.hasher, shard.hand);
-            self.account(slot, now, Eviction::Size);
+            let evicted = Slot {
+                tenant: slot.tenant.clone(),
+                record: match part {
+                    Part::Record => slot.record.take(),
+                    Part::Keys => None,
+                },
+                keys: match part {
+                    Part::Record => Vec::new(),
+                    Part::Keys => std::mem::take(&mut slot.keys),
+                },
+                referenced: false,
+            };
+            if slot.record.is_none() && slot.keys.is_empty() {
+                shard.remove(&self.hasher, at);
+            } else {
+                shard.hand += 1;
+            }
+            self.account(evicted, now, Eviction::Size);
             return true;
         }
         false
@@ -542,12 +620,12 @@ impl TenantCache {
 
     /// Drops everything cached for a tenant, and lets loads running for it finish uncached.
     pub fn invalidate(&self, tenant: &TenantId) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         self.record_loads.forget(|(t, _)| t == tenant);
         self.key_loads.forget(|(t, _)| t == tenant);
         let hash = self.hasher.hash_one(tenant);
         let now = self.now();
         let mut shard = self.shard(hash);
+        shard.generation += 1;
         if let Some(i) = shard.find(hash, tenant) {
             let slot = shard.remove(&self.hasher, i);
             self.account(slot, now, Eviction::Invalidated);
@@ -556,13 +634,13 @@ impl TenantCache {
 
     /// Drops everything cached.
     pub fn invalidate_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         self.record_loads.forget(|_| true);
         self.key_loads.forget(|_| true);
         let now = self.now();
         for shard in self.shards.iter() {
             let slots = {
                 let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                shard.generation += 1;
                 shard.index.clear();
                 shard.hand = 0;
                 shard.sweep = 0;
@@ -574,30 +652,17 @@ impl TenantCache {
         }
     }
 
-    /// After `root` refused: no key it unwrapped is used past the TTL any more.
+    /// After `root` refused: no key whose load started before now is used past the TTL. Such
+    /// keys stay until their stale window ends (counted as cached, never handed out stale).
     pub fn deny_stale(&self, root: &str) {
         if !self.stale {
             return;
         }
-        let index = {
-            let roots = self.roots.lock().unwrap_or_else(PoisonError::into_inner);
-            match roots.iter().position(|r| r.as_str() == root) {
-                Some(i) => u16::try_from(i).unwrap_or(NO_STALE),
-                None => return,
-            }
-        };
         let now = self.now();
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut i = 0;
-            while i < shard.slots.len() {
-                for e in shard.slots[i].keys.iter_mut().filter(|e| e.root == index) {
-                    e.root = NO_STALE;
-                }
-                if !self.expire(&mut shard, i, now) {
-                    i += 1;
-                }
-            }
+        let mut roots = self.roots();
+        let i = roots.index(&RootId::new(root));
+        if let Some((_, refused)) = roots.roots.get_mut(usize::from(i)) {
+            *refused = Some(now);
         }
     }
 

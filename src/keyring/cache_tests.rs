@@ -1,3 +1,4 @@
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -273,16 +274,18 @@ async fn stale_keys_outlive_the_ttl_only_until_their_root_refuses() {
     c.deny_stale("main");
     assert!(c.stale_key(&a, 1).is_none());
     assert!(c.stale_key(&b, 1).is_some(), "another root's keys stay");
-    assert_eq!(c.keys(), 1);
+    c.purge_expired();
+    assert_eq!(c.keys(), 2, "kept (never handed out) until the window ends");
     assert_eq!(
         metric(
             &m,
             r#"kms_sidecar_cache_evictions_total{cache="keys",cause="expired"}"#
         ),
-        1.0
+        0.0
     );
 
     // A key unwrapped again after the refusal may bridge again.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     put_key(&c, &a, 1, "main").await;
     assert!(c.stale_key(&a, 1).is_some());
 }
@@ -326,4 +329,104 @@ async fn expired_entries_of_tenants_nobody_asks_for_again_are_swept_by_later_put
     }
     // Each put looks at two slots: the 200 expired ones are gone without a purge.
     assert_eq!(c.records(), 400);
+}
+
+#[tokio::test]
+async fn a_refusal_during_a_load_rules_out_stale_use_of_what_it_loads() {
+    let (c, _) = cache(100, Duration::from_millis(50), LONG);
+    let c = Arc::new(c);
+    let a = t("a");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let (c, a, gate, started) = (c.clone(), a.clone(), gate.clone(), started.clone());
+        tokio::spawn(async move {
+            c.load_key(&a, 1, async {
+                started.notify_one();
+                gate.notified().await;
+                Ok((
+                    Arc::new(DataKey::generate().unwrap()),
+                    RootId::new("fresh-root"),
+                ))
+            })
+            .await
+        })
+    };
+    started.notified().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A root this cache has never seen refuses while the unwrap is on its way back.
+    c.deny_stale("fresh-root");
+    gate.notify_one();
+    load.await.unwrap().unwrap();
+    assert!(c.key(&a, 1).is_some(), "still usable within the TTL");
+    assert!(c.stale_key(&a, 1).is_none(), "but never past it");
+}
+
+#[tokio::test]
+async fn an_abandoned_load_leaves_nothing_behind() {
+    let (c, _) = cache(100, LONG, Duration::ZERO);
+    let c = Arc::new(c);
+    let task = {
+        let c = c.clone();
+        tokio::spawn(async move { c.load_key(&t("a"), 1, std::future::pending()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(c.key_loads.running().len(), 1);
+    task.abort();
+    let _ = task.await;
+    assert_eq!(c.key_loads.running().len(), 0);
+}
+
+#[tokio::test]
+async fn an_invalidation_stops_caching_only_in_its_own_shard() {
+    let (c, _) = cache(100_000, LONG, Duration::ZERO);
+    let c = Arc::new(c);
+    let shards = c.shards.len() as u64;
+    assert!(shards > 1);
+    let shard_of = |x: &TenantId| (c.hasher.hash_one(x) >> 32) & (shards - 1);
+    let a = t("a");
+    let b = (0..)
+        .map(|i| t(&format!("b{i}")))
+        .find(|b| shard_of(b) != shard_of(&a))
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let (c, b, gate, started) = (c.clone(), b.clone(), gate.clone(), started.clone());
+        tokio::spawn(async move {
+            c.load_record(&b, false, async {
+                started.notify_one();
+                gate.notified().await;
+                Ok(view(1))
+            })
+            .await
+        })
+    };
+    started.notified().await;
+    c.invalidate(&a);
+    gate.notify_one();
+    load.await.unwrap().unwrap();
+    assert_eq!(
+        c.record(&b),
+        Some(view(1)),
+        "another shard's invalidation did not drop it"
+    );
+}
+
+#[tokio::test]
+async fn each_bound_evicts_only_its_own_kind() {
+    let (c, _) = cache(2, LONG, Duration::ZERO);
+    put_key(&c, &t("a"), 1, "main").await;
+    put_key(&c, &t("b"), 1, "main").await;
+    for name in ["c", "d", "e"] {
+        put_record(&c, &t(name), 1).await;
+    }
+    assert_eq!((c.records(), c.keys()), (2, 2));
+    assert!(c.key(&t("a"), 1).is_some() && c.key(&t("b"), 1).is_some());
+    put_key(&c, &t("d"), 1, "main").await;
+    assert_eq!((c.records(), c.keys()), (2, 2));
+    assert!(
+        c.record(&t("d")).is_some(),
+        "a key eviction leaves records alone"
+    );
 }
