@@ -419,13 +419,9 @@ impl TenantCache {
     }
 
     fn put_record(&self, tenant: &TenantId, view: TenantView, generation: u64, started: u64) {
-        let hash = self.hasher.hash_one(tenant);
-        let mut shard = self.shard(hash);
-        if shard.generation != generation {
+        let Some((mut shard, hash, now)) = self.lock_for_put(tenant, generation) else {
             return;
-        }
-        let now = self.now();
-        self.sweep(&mut shard, now);
+        };
         if let Some(i) = shard.find(hash, tenant) {
             let slot = &mut shard.slots[i];
             if slot.record.is_some() {
@@ -434,13 +430,7 @@ impl TenantCache {
                 return;
             }
         }
-        while self.records.load(Ordering::Relaxed) >= self.max_entries
-            && self.evict_one(&mut shard, now, Part::Record)
-        {}
-        let i = match shard.find(hash, tenant) {
-            Some(i) => i,
-            None => shard.push(hash, &self.hasher, tenant.clone()),
-        };
+        let i = self.slot_with_room(&mut shard, hash, tenant, now, Part::Record);
         let slot = &mut shard.slots[i];
         slot.record = Some((view, started));
         slot.referenced = true;
@@ -461,13 +451,9 @@ impl TenantCache {
         } else {
             NO_STALE
         };
-        let hash = self.hasher.hash_one(tenant);
-        let mut shard = self.shard(hash);
-        if shard.generation != generation {
+        let Some((mut shard, hash, now)) = self.lock_for_put(tenant, generation) else {
             return;
-        }
-        let now = self.now();
-        self.sweep(&mut shard, now);
+        };
         let entry = KeyEntry {
             key,
             loaded: started,
@@ -482,17 +468,51 @@ impl TenantCache {
                 return;
             }
         }
-        while self.keys.load(Ordering::Relaxed) >= self.max_entries
-            && self.evict_one(&mut shard, now, Part::Keys)
-        {}
-        let i = match shard.find(hash, tenant) {
-            Some(i) => i,
-            None => shard.push(hash, &self.hasher, tenant.clone()),
-        };
+        let i = self.slot_with_room(&mut shard, hash, tenant, now, Part::Keys);
         let slot = &mut shard.slots[i];
         slot.keys.push(entry);
         slot.referenced = true;
         self.keys.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The tenant's shard, locked, with the tenant's hash and the time, for a put of a load
+    /// that started under `generation`; `None` if an invalidation came since (nothing is kept).
+    /// Sweeps a few slots for expired parts on the way.
+    fn lock_for_put(
+        &self,
+        tenant: &TenantId,
+        generation: u64,
+    ) -> Option<(MutexGuard<'_, Shard>, u64, u64)> {
+        let hash = self.hasher.hash_one(tenant);
+        let mut shard = self.shard(hash);
+        if shard.generation != generation {
+            return None;
+        }
+        let now = self.now();
+        self.sweep(&mut shard, now);
+        Some((shard, hash, now))
+    }
+
+    /// The tenant's slot (made if missing) after evicting under `part`'s bound until one more
+    /// entry of that kind fits.
+    fn slot_with_room(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        tenant: &TenantId,
+        now: u64,
+        part: Part,
+    ) -> usize {
+        let held = match part {
+            Part::Record => &self.records,
+            Part::Keys => &self.keys,
+        };
+        while held.load(Ordering::Relaxed) >= self.max_entries && self.evict_one(shard, now, part) {
+        }
+        match shard.find(hash, tenant) {
+            Some(i) => i,
+            None => shard.push(hash, &self.hasher, tenant.clone()),
+        }
     }
 
     /// Evicts `part` (the record, or every key) of the first slot holding one that the clock

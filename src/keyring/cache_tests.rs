@@ -59,6 +59,36 @@ async fn put_key(c: &TenantCache, tenant: &TenantId, version: u32, root: &str) -
 
 const LONG: Duration = Duration::from_secs(300);
 
+/// Holds a load in flight until the test releases it, and tells the test when it started.
+#[derive(Clone)]
+struct Gate {
+    started: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Notify>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            started: Arc::new(tokio::sync::Notify::new()),
+            open: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Inside the load: says it started, then waits for `release`.
+    async fn hold(&self) {
+        self.started.notify_one();
+        self.open.notified().await;
+    }
+
+    async fn started(&self) {
+        self.started.notified().await;
+    }
+
+    fn release(&self) {
+        self.open.notify_one();
+    }
+}
+
 #[tokio::test]
 async fn records_and_keys_come_back_until_their_ttl_then_leave_as_expired() {
     let (c, m) = cache(100, Duration::from_millis(150), Duration::ZERO);
@@ -202,20 +232,18 @@ async fn a_load_that_raced_an_invalidation_is_returned_but_not_kept() {
     let (c, _) = cache(100, LONG, Duration::ZERO);
     let c = Arc::new(c);
     let tenant = t("racy");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let started = Arc::new(tokio::sync::Notify::new());
+    let gate = Gate::new();
     let load = {
-        let (c, tenant, gate, started) = (c.clone(), tenant.clone(), gate.clone(), started.clone());
+        let (c, tenant, gate) = (c.clone(), tenant.clone(), gate.clone());
         tokio::spawn(async move {
             c.load_record(&tenant, false, async {
-                started.notify_one();
-                gate.notified().await;
+                gate.hold().await;
                 Ok(view(1))
             })
             .await
         })
     };
-    started.notified().await;
+    gate.started().await;
     c.invalidate(&tenant);
     // A caller arriving after the invalidation does not join the old load.
     let fresh = c
@@ -223,7 +251,7 @@ async fn a_load_that_raced_an_invalidation_is_returned_but_not_kept() {
         .await
         .unwrap();
     assert_eq!(fresh, view(2));
-    gate.notify_one();
+    gate.release();
     assert_eq!(load.await.unwrap().unwrap(), view(1));
     assert_eq!(
         c.record(&tenant),
@@ -336,14 +364,12 @@ async fn a_refusal_during_a_load_rules_out_stale_use_of_what_it_loads() {
     let (c, _) = cache(100, Duration::from_millis(50), LONG);
     let c = Arc::new(c);
     let a = t("a");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let started = Arc::new(tokio::sync::Notify::new());
+    let gate = Gate::new();
     let load = {
-        let (c, a, gate, started) = (c.clone(), a.clone(), gate.clone(), started.clone());
+        let (c, a, gate) = (c.clone(), a.clone(), gate.clone());
         tokio::spawn(async move {
             c.load_key(&a, 1, async {
-                started.notify_one();
-                gate.notified().await;
+                gate.hold().await;
                 Ok((
                     Arc::new(DataKey::generate().unwrap()),
                     RootId::new("fresh-root"),
@@ -352,11 +378,11 @@ async fn a_refusal_during_a_load_rules_out_stale_use_of_what_it_loads() {
             .await
         })
     };
-    started.notified().await;
+    gate.started().await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     // A root this cache has never seen refuses while the unwrap is on its way back.
     c.deny_stale("fresh-root");
-    gate.notify_one();
+    gate.release();
     load.await.unwrap().unwrap();
     assert!(c.key(&a, 1).is_some(), "still usable within the TTL");
     assert!(c.stale_key(&a, 1).is_none(), "but never past it");
@@ -389,22 +415,20 @@ async fn an_invalidation_stops_caching_only_in_its_own_shard() {
         .map(|i| t(&format!("b{i}")))
         .find(|b| shard_of(b) != shard_of(&a))
         .unwrap();
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let started = Arc::new(tokio::sync::Notify::new());
+    let gate = Gate::new();
     let load = {
-        let (c, b, gate, started) = (c.clone(), b.clone(), gate.clone(), started.clone());
+        let (c, b, gate) = (c.clone(), b.clone(), gate.clone());
         tokio::spawn(async move {
             c.load_record(&b, false, async {
-                started.notify_one();
-                gate.notified().await;
+                gate.hold().await;
                 Ok(view(1))
             })
             .await
         })
     };
-    started.notified().await;
+    gate.started().await;
     c.invalidate(&a);
-    gate.notify_one();
+    gate.release();
     load.await.unwrap().unwrap();
     assert_eq!(
         c.record(&b),
