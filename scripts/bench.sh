@@ -3,7 +3,7 @@
 # the same generator (examples/loadgen.rs), payloads and concurrency, plus OpenSSL's AES-256-GCM
 # speed as the bulk limit. Prints Markdown tables with the ratios, and keeps the raw RESULT lines.
 #
-#   scripts/bench.sh [PART...]   parts: matrix oneworker bulk tenants coldstart soak
+#   scripts/bench.sh [PART...]   parts: matrix allcores bulk tenants coldstart soak
 #                                (default: all but soak)
 #
 # Environment (all optional):
@@ -31,7 +31,8 @@ BAO_PORT=${BAO_PORT:-8250}
 OPENBAO_VERSION=${OPENBAO_VERSION:-2.7.2}
 out=${BENCH_OUT:-$root/target/bench/$(date +%Y%m%d-%H%M%S)}
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(matrix oneworker bulk tenants coldstart)
+[ ${#parts[@]} -gt 0 ] || parts=(matrix allcores bulk tenants coldstart)
+cores=$(nproc)
 
 mkdir -p "$out"
 results="$out/results.txt"
@@ -119,13 +120,14 @@ run_row() { # label, then loadgen `run` arguments
 }
 
 machine() {
-  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr); generator and servers share the cores."
+  echo "Machine: $cores cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr); generator and servers share the cores."
 }
 
 {
   echo "# kms-sidecar load bench, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   machine
+  echo "Sidecar workers: the default (half the cores, at least one: $(( cores / 2 > 0 ? cores / 2 : 1 )) here) unless a table says otherwise."
   echo "Command: scripts/bench.sh ${parts[*]} (BENCH_DURATION=$DURATION s per row after $WARMUP s warm-up)"
   echo
 } >"$out/report.md"
@@ -153,17 +155,17 @@ if want matrix; then
   echo >>"$out/report.md"
 fi
 
-if want oneworker; then
-  # The same rows against a sidecar with worker_threads = 1: on a 2-core machine the generator
-  # then has a core of its own, as an application beside a sidecar would.
-  start_sidecar "$work/one" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8790 KMS_SIDECAR_WORKER_THREADS=1
-  one_pid=$sc_pid
+if want allcores; then
+  # The 1 KiB rows against a sidecar with one worker per core (worker_threads = nproc) instead
+  # of the default half: what the default saves when the callers share the cores.
+  start_sidecar "$work/all" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8790 KMS_SIDECAR_WORKER_THREADS=$cores
+  all_pid=$sc_pid
   for op in seal open; do
     for c in 8 32; do
-      run_row "sidecar-unix-1w" --unix "$work/one/data/kms-sidecar.sock" --pid "$one_pid" --op "$op" --size 1024 --conns "$c"
+      run_row "sidecar-unix-allcores" --unix "$work/all/data/kms-sidecar.sock" --pid "$all_pid" --op "$op" --size 1024 --conns "$c"
     done
   done
-  kill "$one_pid"; wait "$one_pid" 2>/dev/null || true
+  kill "$all_pid"; wait "$all_pid" 2>/dev/null || true
 fi
 
 if want bulk; then
@@ -175,9 +177,9 @@ if want bulk; then
     run_row "sidecar-octets" --unix "$sock" --pid "$main_pid" --op "$op" --size 1048576 --conns 1 --octets
   done
   # The same with 1 MiB socket send buffers at both ends (limits.unix_send_buffer_bytes and
-  # the client's SO_SNDBUF), as a deployment moving large bodies would set them, and with
-  # two connections so both cores work.
-  start_sidecar "$work/bulk" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8791 KMS_SIDECAR_LIMITS__UNIX_SEND_BUFFER_BYTES=1048576
+  # the client's SO_SNDBUF), as a deployment moving large bodies would set them, and with one
+  # worker per core and two connections, so both cores work.
+  start_sidecar "$work/bulk" KMS_SIDECAR_LISTEN__TCP=127.0.0.1:8791 KMS_SIDECAR_LIMITS__UNIX_SEND_BUFFER_BYTES=1048576 KMS_SIDECAR_WORKER_THREADS=$cores
   bulk_pid=$sc_pid
   for op in seal open; do
     for c in 1 2; do

@@ -318,7 +318,10 @@ fn run(cli: Cli) -> Result<(), StartError> {
             } else {
                 None
             };
-            runtime_with(config.worker_threads)?.block_on(serve(config, dev))
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            let workers = config.serving_workers(cpus);
+            tracing::info!(workers, cpus, "serving threads");
+            runtime_with(workers)?.block_on(serve(config, dev))
         }
         Command::Keyfile {
             command:
