@@ -3,6 +3,7 @@
 //! shutdown; routes and handlers live in `routes`, the error mapping in `error`.
 
 pub mod auth;
+pub mod b64;
 pub mod error;
 pub mod routes;
 

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use super::b64;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -869,10 +868,10 @@ async fn dispatch(
             let aad = optional_b64("aad", req.aad.as_deref())?;
             let issued = kr.issue_datakey(&tenant, &aad).await?;
             trail.key_version = Some(issued.key_version);
-            let key_b64 = Zeroizing::new(B64.encode(issued.plaintext.expose()));
+            let key_b64 = Zeroizing::new(b64::encode(issued.plaintext.expose()));
             Ok(secret_body(&IssuedKey {
                 plaintext_key: &key_b64,
-                wrapped_key: B64.encode(&issued.sealed),
+                wrapped_key: b64::encode(&issued.sealed),
                 key_version: issued.key_version,
             }))
         }
@@ -881,7 +880,7 @@ async fn dispatch(
             let wrapped = decode("wrapped_key", req.wrapped_key.as_bytes())?;
             let aad = optional_b64("aad", req.aad.as_deref())?;
             let key = kr.unwrap_datakey(&tenant, &aad, &wrapped).await?;
-            let key_b64 = Zeroizing::new(B64.encode(key.expose()));
+            let key_b64 = Zeroizing::new(b64::encode(key.expose()));
             Ok(secret_body(&UnwrappedKey {
                 plaintext_key: &key_b64,
             }))
@@ -1079,11 +1078,11 @@ async fn seal_item(
 ) -> Result<Sealed, ApiError> {
     // Decoded straight into the envelope's buffer (sealed in place), into room reserved for the
     // decoder's upper bound, so no copy of the plaintext is left behind.
-    let b64 = item.plaintext.expose_secret().as_bytes();
-    let max = base64::decoded_len_estimate(b64.len());
-    let mut plaintext = SealBuffer::with_capacity(max);
+    let text = item.plaintext.expose_secret().as_bytes();
+    let len = b64::decoded_len(text).map_err(|_| ApiError::InvalidBase64("plaintext"))?;
+    let mut plaintext = SealBuffer::with_capacity(len);
     plaintext
-        .append_with(max, |room| B64.decode_slice(b64, room))
+        .append_with(len, |room| b64::decode_into(text, room))
         .map_err(|_| ApiError::InvalidBase64("plaintext"))?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
     let (ct, key_version) = state
@@ -1091,7 +1090,7 @@ async fn seal_item(
         .seal_buffer(tenant, Purpose::Data, &aad, plaintext)
         .await?;
     Ok(Sealed {
-        ciphertext: B64.encode(ct),
+        ciphertext: b64::encode(ct),
         key_version,
     })
 }
@@ -1121,7 +1120,7 @@ async fn rewrap_item(
         .rewrap(tenant, Purpose::Data, &aad, &ct)
         .await?;
     Ok(Sealed {
-        ciphertext: B64.encode(ct),
+        ciphertext: b64::encode(ct),
         key_version,
     })
 }
@@ -1148,7 +1147,7 @@ fn batch_open_response(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let encoded: Vec<Result<Zeroizing<String>, ApiError>> = opened
         .into_iter()
-        .map(|r| r.map(|pt| Zeroizing::new(B64.encode(pt.expose()))))
+        .map(|r| r.map(|pt| Zeroizing::new(b64::encode(pt.expose()))))
         .collect();
     let mut results = Vec::with_capacity(encoded.len());
     for r in &encoded {
@@ -1358,14 +1357,12 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> 
     })
 }
 
-fn decode(field: &'static str, b64: &[u8]) -> Result<SecretVec, ApiError> {
-    B64.decode(b64)
-        .map(SecretVec::from)
-        .map_err(|_| ApiError::InvalidBase64(field))
+fn decode(field: &'static str, text: &[u8]) -> Result<SecretVec, ApiError> {
+    b64::decode(text).map_err(|_| ApiError::InvalidBase64(field))
 }
 
-fn optional_b64(field: &'static str, b64: Option<&str>) -> Result<SecretVec, ApiError> {
-    match b64 {
+fn optional_b64(field: &'static str, text: Option<&str>) -> Result<SecretVec, ApiError> {
+    match text {
         Some(s) => decode(field, s.as_bytes()),
         None => Ok(SecretVec::new()),
     }
@@ -1396,7 +1393,7 @@ fn json_ok<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
 fn opened_response(plaintext: &[u8]) -> Response<Full<Bytes>> {
     const HEAD: &[u8] = br#"{"plaintext":""#;
     const TAIL: &[u8] = br#""}"#;
-    let encoded = base64::encoded_len(plaintext.len(), true).unwrap_or(usize::MAX);
+    let encoded = b64::encoded_len(plaintext.len()).unwrap_or(usize::MAX);
     let mut buf = SecretVec::from(vec![
         0u8;
         HEAD.len()
@@ -1404,7 +1401,7 @@ fn opened_response(plaintext: &[u8]) -> Response<Full<Bytes>> {
             .saturating_add(TAIL.len())
     ]);
     buf[..HEAD.len()].copy_from_slice(HEAD);
-    let end = match B64.encode_slice(plaintext, &mut buf[HEAD.len()..]) {
+    let end = match b64::encode_into(plaintext, &mut buf[HEAD.len()..]) {
         Ok(n) => HEAD.len() + n,
         Err(_) => return error_response(&ApiError::Internal, "unknown"),
     };
@@ -1473,6 +1470,8 @@ pub fn error_response(e: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
 
     async fn body_of(r: Response<Full<Bytes>>) -> Vec<u8> {
         r.into_body().collect().await.unwrap().to_bytes().to_vec()
