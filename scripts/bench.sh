@@ -40,6 +40,12 @@ results="$out/results.txt"
 log() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+for p in "${parts[@]}"; do
+  case "$p" in
+    matrix | allcores | bulk | tenants | coldstart | soak) ;;
+    *) die "unknown part '$p' (parts: matrix allcores bulk tenants coldstart soak)" ;;
+  esac
+done
 
 log "building (release)"
 cargo build --release --locked --quiet --bin kms-sidecar --example loadgen
