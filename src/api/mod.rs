@@ -173,7 +173,9 @@ pub async fn serve(
                 let Ok(_permit) = permit else {
                     return Ok::<_, Infallible>(routes::overloaded(&st, &req));
                 };
-                Ok::<_, Infallible>(routes::handle(st, io_peer, req).await)
+                // Boxed, so that hyper holds and moves a pointer, not the handler's
+                // kilobytes of state, for each request.
+                Ok::<_, Infallible>(Box::pin(routes::handle(st, io_peer, req)).await)
             }
         });
         match stream {

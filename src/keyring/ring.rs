@@ -766,7 +766,10 @@ impl Keyring {
                         None => Err(KeyringError::TenantNotFound),
                     }
                 };
-                cache.load_record(tenant, create, load).await?
+                // Boxed: the load (store, roots, single flight) is a large future, and unboxed it
+                // would size every future above this one, so that each request on the cached
+                // path would copy kilobytes as its futures are built and moved.
+                Box::pin(cache.load_record(tenant, create, load)).await?
             }
         };
         if view.destroyed {
@@ -803,7 +806,8 @@ impl Keyring {
                 unwrap_with(&roots, tenant, &record, Some(&self.inner.metrics)).await?;
             Ok((Arc::new(key), root))
         };
-        match cache.load_key(tenant, version, load).await {
+        // Boxed for the same reason as the record load in `tenant`.
+        match Box::pin(cache.load_key(tenant, version, load)).await {
             Ok(key) => Ok(key),
             Err(err) => self.stale_fallback(tenant, version, err),
         }
