@@ -30,22 +30,21 @@ TENANTS=${TENANTS:-100000}
 BAO_PORT=${BAO_PORT:-8250}
 OPENBAO_VERSION=${OPENBAO_VERSION:-2.7.2}
 out=${BENCH_OUT:-$root/target/bench/$(date +%Y%m%d-%H%M%S)}
+log() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+known_parts=(matrix allcores bulk tenants coldstart soak)
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(matrix allcores bulk tenants coldstart)
+# A misspelt part would otherwise run nothing and print an empty report.
+for p in "${parts[@]}"; do
+  [[ " ${known_parts[*]} " == *" $p "* ]] || die "unknown part '$p' (parts: ${known_parts[*]})"
+done
+want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 cores=$(nproc)
 
 mkdir -p "$out"
 results="$out/results.txt"
 : >"$results"
-log() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
-want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
-for p in "${parts[@]}"; do
-  case "$p" in
-    matrix | allcores | bulk | tenants | coldstart | soak) ;;
-    *) die "unknown part '$p' (parts: matrix allcores bulk tenants coldstart soak)" ;;
-  esac
-done
 
 log "building (release)"
 cargo build --release --locked --quiet --bin kms-sidecar --example loadgen
