@@ -112,6 +112,9 @@ pub struct LimitsConfig {
     /// SO_SNDBUF of accepted Unix-socket connections; 0 keeps the kernel's default.
     #[serde(default)]
     pub unix_send_buffer_bytes: usize,
+    /// The most a connection reads from its socket at once; also the largest request head.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -124,6 +127,7 @@ impl Default for LimitsConfig {
             max_in_flight: default_max_in_flight(),
             max_headers: default_max_headers(),
             unix_send_buffer_bytes: 0,
+            read_buffer_bytes: default_read_buffer(),
         }
     }
 }
@@ -462,6 +466,14 @@ fn default_max_in_flight() -> usize {
 /// Bound on `limits.unix_send_buffer_bytes`: the kernel may hold this much (twice, with its
 /// bookkeeping) for every connection whose client stops reading.
 const MAX_SEND_BUFFER: usize = 16 << 20;
+/// Bounds on `limits.read_buffer_bytes`: hyper needs at least 8 KiB; each connection may hold
+/// the maximum while a client sends its request head.
+const MIN_READ_BUFFER: usize = 8 << 10;
+const MAX_READ_BUFFER: usize = 16 << 20;
+
+fn default_read_buffer() -> usize {
+    64 << 10
+}
 
 fn default_max_headers() -> usize {
     64
@@ -635,6 +647,11 @@ impl Config {
         if self.limits.unix_send_buffer_bytes > MAX_SEND_BUFFER {
             return Err(ConfigError(format!(
                 "limits.unix_send_buffer_bytes must be at most {MAX_SEND_BUFFER}"
+            )));
+        }
+        if !(MIN_READ_BUFFER..=MAX_READ_BUFFER).contains(&self.limits.read_buffer_bytes) {
+            return Err(ConfigError(format!(
+                "limits.read_buffer_bytes must be between {MIN_READ_BUFFER} and {MAX_READ_BUFFER}"
             )));
         }
         if !(8..=1024).contains(&self.limits.max_headers) {
@@ -852,6 +869,7 @@ impl Config {
             max_in_flight: self.limits.max_in_flight,
             max_headers: self.limits.max_headers,
             unix_send_buffer_bytes: self.limits.unix_send_buffer_bytes,
+            read_buffer_bytes: self.limits.read_buffer_bytes,
         }
     }
 
@@ -1008,6 +1026,20 @@ mod tests {
         assert_eq!(c.limits().unix_send_buffer_bytes, 1 << 20);
         let e = load("[limits]\nunix_send_buffer_bytes = 16777217\n", &[]).unwrap_err();
         assert!(e.0.contains("unix_send_buffer_bytes"), "{}", e.0);
+    }
+
+    #[test]
+    fn the_read_buffer_defaults_to_64_kib_and_is_bounded() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.limits().read_buffer_bytes, 64 << 10);
+        let c = load("[limits]\nread_buffer_bytes = 1048576\n", &[]).unwrap();
+        assert_eq!(c.limits().read_buffer_bytes, 1 << 20);
+        let c = load("", &[("KMS_SIDECAR_LIMITS__READ_BUFFER_BYTES", "8192")]).unwrap();
+        assert_eq!(c.limits().read_buffer_bytes, 8192);
+        for bad in ["0", "8191", "16777217"] {
+            let e = load(&format!("[limits]\nread_buffer_bytes = {bad}\n"), &[]).unwrap_err();
+            assert!(e.0.contains("limits.read_buffer_bytes"), "{}", e.0);
+        }
     }
 
     #[test]

@@ -346,3 +346,69 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         "{text}"
     );
 }
+
+async fn get_padded(socket: &Path, pad: usize) -> u16 {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let pad = "a".repeat(pad);
+    send(
+        stream,
+        "GET",
+        "/healthz",
+        &[("x-pad", &pad)],
+        Default::default(),
+    )
+    .await
+    .status
+}
+
+async fn octets(socket: &Path, path: &str, body: Vec<u8>) -> Reply {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    send(
+        stream,
+        "POST",
+        path,
+        &[("content-type", "application/octet-stream")],
+        body.into(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_read_buffer_bounds_the_request_head_and_carries_large_bodies() {
+    // The default (64 KiB): a 100 KiB head is refused with 431, a 16 KiB one is served.
+    let p = serve(&[]);
+    assert_eq!(get_padded(&p.socket(), 100 << 10).await, 431);
+    assert_eq!(get_padded(&p.socket(), 16 << 10).await, 200);
+    drop(p);
+
+    // 1 MiB: the same 100 KiB head is served, and a 1 MiB body round-trips through
+    // octet-stream seal and open, arriving in reads of up to 1 MiB.
+    let p = serve(&[("KMS_SIDECAR_LIMITS__READ_BUFFER_BYTES", "1048576")]);
+    let s = p.socket();
+    assert_eq!(get_padded(&s, 100 << 10).await, 200);
+    let plaintext: Vec<u8> = (0..1usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let sealed = octets(&s, "/v1/tenants/bulk/seal", plaintext.clone()).await;
+    assert_eq!(sealed.status, 200);
+    assert_eq!(sealed.body.len(), plaintext.len() + 70 + 16);
+    let opened = octets(&s, "/v1/tenants/bulk/open", sealed.body.to_vec()).await;
+    assert_eq!(opened.status, 200);
+    assert!(opened.body[..] == plaintext[..], "1 MiB did not round-trip");
+}
+
+#[test]
+fn a_read_buffer_outside_its_bounds_stops_the_start() {
+    for bad in ["8191", "16777217"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--dev"])
+            .current_dir(tempfile::tempdir().unwrap().path())
+            .env("KMS_SIDECAR_LIMITS__READ_BUFFER_BYTES", bad)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "started with read_buffer_bytes = {bad}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("limits.read_buffer_bytes"), "{err}");
+    }
+}

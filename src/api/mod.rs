@@ -37,6 +37,11 @@ pub struct Limits {
     /// SO_SNDBUF of accepted Unix-socket connections (0: the kernel's default). Larger
     /// buffers let a large answer go out in fewer writes and wake-ups.
     pub unix_send_buffer_bytes: usize,
+    /// The most a connection reads from its socket at once (hyper's `max_buf_size`), which is
+    /// also the largest request head accepted. A 1 MiB body arrives in fewer, larger reads
+    /// with a larger buffer, but each connection may then hold that much while its client
+    /// sends a head.
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +54,7 @@ impl Default for Limits {
             max_in_flight: 512,
             max_headers: 64,
             unix_send_buffer_bytes: 0,
+            read_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -126,7 +132,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.limits.header_read_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(state.limits.read_buffer_bytes)
         .max_headers(state.limits.max_headers)
         .keep_alive(true);
     builder
