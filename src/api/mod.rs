@@ -284,10 +284,15 @@ async fn accept_error(e: std::io::Error) {
 /// response: hyper's own header timer starts only at a request's first byte, so without this a
 /// silent connection (or an idle keep-alive one) would be held forever. The deadline is disarmed
 /// while a request is being read or handled, so slow handlers are never cut.
+///
+/// One timer serves the connection's whole life: re-arming moves its deadline later, which
+/// tokio does without taking the timer wheel's lock, where a new timer per response would
+/// cost an allocation and a lock to insert and another to remove.
 struct IdleGuard<S> {
     inner: S,
     idle: Duration,
-    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
 }
 
 impl<S> IdleGuard<S> {
@@ -295,8 +300,16 @@ impl<S> IdleGuard<S> {
         IdleGuard {
             inner,
             idle,
-            deadline: Some(Box::pin(tokio::time::sleep(idle))),
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            armed: true,
         }
+    }
+
+    /// A response went out: the peer now has `idle` to send the next request.
+    fn rearm(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(at);
+        self.armed = true;
     }
 }
 
@@ -312,15 +325,14 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleGuard<S> {
         match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    self.deadline = None;
+                    // Disarmed, not dropped: if it fires while a request is handled, the
+                    // task is polled once for nothing.
+                    self.armed = false;
                 }
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let expired = match self.deadline.as_mut() {
-                    Some(d) => d.as_mut().poll(cx).is_ready(),
-                    None => false,
-                };
+                let expired = self.armed && self.deadline.as_mut().poll(cx).is_ready();
                 if expired {
                     Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -342,9 +354,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleGuard<S> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(r, std::task::Poll::Ready(Ok(_))) {
-            // A response went out: the peer now has `idle` to send the next request.
-            let idle = self.idle;
-            self.deadline = Some(Box::pin(tokio::time::sleep(idle)));
+            self.rearm();
         }
         r
     }
@@ -370,8 +380,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleGuard<S> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, std::task::Poll::Ready(Ok(_))) {
-            let idle = self.idle;
-            self.deadline = Some(Box::pin(tokio::time::sleep(idle)));
+            self.rearm();
         }
         r
     }
@@ -383,7 +392,47 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleGuard<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::set_send_buffer;
+    use super::{IdleGuard, set_send_buffer};
+    use std::time::Duration;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Real time, lower bounds only: tokio never fires a timer before its deadline.
+    #[tokio::test]
+    async fn the_idle_deadline_runs_between_requests_only_and_moves_with_each_response() {
+        let idle = Duration::from_millis(300);
+        let mut buf = [0u8; 8];
+
+        // Silent from the start: cut after `idle`.
+        let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let mut g = IdleGuard::new(a, idle);
+        let t = Instant::now();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= idle);
+
+        // A request's first bytes disarm it: a handler may take longer than `idle`.
+        let (a, mut peer) = tokio::net::UnixStream::pair().unwrap();
+        let mut g = IdleGuard::new(a, idle);
+        peer.write_all(b"GET").await.unwrap();
+        assert_eq!(g.read(&mut buf).await.unwrap(), 3);
+        let waited = tokio::time::timeout(idle * 3, g.read(&mut buf)).await;
+        assert!(waited.is_err(), "cut while a request was open: {waited:?}");
+
+        // Each response re-arms it from that moment: had the second not moved the deadline,
+        // the cut would come `idle` after the first, 100 ms into the wait below.
+        g.write_all(b"200").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        g.write_all(b"200").await.unwrap();
+        let t = Instant::now();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            t.elapsed() >= idle,
+            "cut {:?} after the last response",
+            t.elapsed()
+        );
+    }
 
     #[tokio::test]
     async fn accepted_unix_connections_get_the_configured_send_buffer() {

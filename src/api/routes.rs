@@ -9,7 +9,7 @@ use super::b64;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -27,11 +27,12 @@ use crate::tenant::TenantId;
 /// The OpenAPI 3 description of this API, kept in the repository and served as is.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
-pub const REQUEST_ID: &str = "x-request-id";
+// Header names as constants: inserting a `&str` name parses and allocates it on each request.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Base64 caller AAD for octet-stream seal/open.
-pub const AAD_HEADER: &str = "x-kms-aad";
+pub const AAD_HEADER: HeaderName = HeaderName::from_static("x-kms-aad");
 /// Key version of an octet-stream seal.
-pub const KEY_VERSION_HEADER: &str = "x-key-version";
+pub const KEY_VERSION_HEADER: HeaderName = HeaderName::from_static("x-key-version");
 const JSON: &str = "application/json";
 /// The whole body must arrive within this.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -485,7 +486,9 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = request_id(&req);
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // A clone of the URI shares its bytes; the path is logged after the request is consumed.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let mut trail = Trail::default();
     let result = dispatch(&state, &peer, req, &request_id, &mut trail).await;
     let (mut resp, outcome) = match result {
@@ -497,7 +500,7 @@ pub async fn handle(
     }
     let status = resp.status();
     // Requests refused before their handler named the operation count under their route's.
-    let op = trail.operation.unwrap_or_else(|| path_operation(&path));
+    let op = trail.operation.unwrap_or_else(|| path_operation(path));
     audit(&state, &peer, &request_id, trail, status, outcome).await;
     state
         .keyring
@@ -807,9 +810,9 @@ async fn dispatch(
         }
         Action::Seal => {
             let item: SealItem = parse_json(&body)?;
-            let sealed = seal_item(state, &tenant, item).await?;
-            trail.key_version = Some(sealed.key_version);
-            Ok(sealed_response(&sealed))
+            let (ciphertext, key_version) = seal_raw(state, &tenant, item).await?;
+            trail.key_version = Some(key_version);
+            Ok(sealed_response(&ciphertext, key_version))
         }
         Action::Open => {
             let item: OpenItem = parse_json(&body)?;
@@ -1076,6 +1079,19 @@ async fn seal_item(
     tenant: &TenantId,
     item: SealItem,
 ) -> Result<Sealed, ApiError> {
+    let (ct, key_version) = seal_raw(state, tenant, item).await?;
+    Ok(Sealed {
+        ciphertext: b64::encode(ct),
+        key_version,
+    })
+}
+
+/// Seals one item; returns the envelope's bytes and the key version.
+async fn seal_raw(
+    state: &AppState,
+    tenant: &TenantId,
+    item: SealItem,
+) -> Result<(Vec<u8>, u32), ApiError> {
     // Decoded straight into the envelope's buffer (sealed in place), into room reserved for the
     // decoder's upper bound, so no copy of the plaintext is left behind.
     let text = item.plaintext.expose_secret().as_bytes();
@@ -1085,14 +1101,10 @@ async fn seal_item(
         .append_with(len, |room| b64::decode_into(text, room))
         .map_err(|_| ApiError::InvalidBase64("plaintext"))?;
     let aad = optional_b64("aad", item.aad.as_deref())?;
-    let (ct, key_version) = state
+    Ok(state
         .keyring
         .seal_buffer(tenant, Purpose::Data, &aad, plaintext)
-        .await?;
-    Ok(Sealed {
-        ciphertext: b64::encode(ct),
-        key_version,
-    })
+        .await?)
 }
 
 async fn open_item(
@@ -1412,15 +1424,25 @@ fn opened_response(plaintext: &[u8]) -> Response<Full<Bytes>> {
     resp
 }
 
-/// `{"ciphertext":"<base64>","key_version":N}` without a serializer pass over the base64.
-fn sealed_response(s: &Sealed) -> Response<Full<Bytes>> {
-    let mut body = String::with_capacity(s.ciphertext.len() + 48);
-    body.push_str(r#"{"ciphertext":""#);
-    body.push_str(&s.ciphertext);
-    body.push_str(r#"","key_version":"#);
-    body.push_str(&s.key_version.to_string());
-    body.push('}');
-    json_response(StatusCode::OK, body.into_bytes())
+/// `{"ciphertext":"<base64>","key_version":N}`, the envelope encoded straight into the body.
+fn sealed_response(ciphertext: &[u8], key_version: u32) -> Response<Full<Bytes>> {
+    use std::io::Write;
+    const HEAD: &[u8] = br#"{"ciphertext":""#;
+    let Some(encoded) = b64::encoded_len(ciphertext.len()) else {
+        return error_response(&ApiError::Internal, "unknown");
+    };
+    // The tail is `","key_version":` and at most 10 digits and a brace.
+    let mut body = Vec::with_capacity(HEAD.len() + encoded + 32);
+    body.extend_from_slice(HEAD);
+    body.resize(HEAD.len() + encoded, 0);
+    match b64::encode_into(ciphertext, &mut body[HEAD.len()..]) {
+        Ok(n) => body.truncate(HEAD.len() + n),
+        Err(_) => return error_response(&ApiError::Internal, "unknown"),
+    }
+    if write!(body, r#"","key_version":{key_version}}}"#).is_err() {
+        return error_response(&ApiError::Internal, "unknown");
+    }
+    json_response(StatusCode::OK, body)
 }
 
 /// Counts what a serialisation would write, so secret buffers are allocated once, exactly.
@@ -1485,16 +1507,18 @@ mod tests {
             let b64 = B64.encode(&pt);
             let want = serde_json::to_vec(&Opened { plaintext: &b64 }).unwrap();
             assert_eq!(body_of(opened_response(&pt)).await, want, "open, {n} bytes");
-            let sealed = Sealed {
-                ciphertext: b64.clone(),
-                key_version: n as u32 + 1,
-            };
-            let want = serde_json::to_vec(&sealed).unwrap();
-            assert_eq!(
-                body_of(sealed_response(&sealed)).await,
-                want,
-                "seal, {n} bytes"
-            );
+            for key_version in [1, n as u32 + 1, u32::MAX] {
+                let sealed = Sealed {
+                    ciphertext: b64.clone(),
+                    key_version,
+                };
+                let want = serde_json::to_vec(&sealed).unwrap();
+                assert_eq!(
+                    body_of(sealed_response(&pt, key_version)).await,
+                    want,
+                    "seal, {n} bytes, version {key_version}"
+                );
+            }
         }
     }
 
