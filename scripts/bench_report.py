@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Turns the RESULT lines of scripts/bench.sh into the Markdown tables of the README."""
+import statistics
 import sys
 
 
@@ -28,11 +29,68 @@ def ms(us):
         return "-"
 
 
+def targets(rows):
+    """The target rows, one line per repeat, ratios within the repeat, and their medians."""
+    reps = {}
+    for r in rows:
+        if r.get("label", "").startswith("target-") and "rep" in r:
+            reps.setdefault(int(r["rep"]), {})[(r["label"], r["op"])] = r
+    if not reps:
+        return
+    print("Targets (1 KiB at 32 connections over the Unix socket, default sidecar; 1 MiB "
+          "octet-stream seal, bulk sidecar, 2 connections), each repeat run in turn:")
+    print()
+    print("| repeat | seal req/s | OpenBao encrypt req/s | seal ÷ OpenBao | seal p99 ms "
+          "| open req/s | OpenBao decrypt req/s | open ÷ OpenBao | open p99 ms "
+          "| 1 MiB seal MiB/s | openssl MiB/s | ÷ openssl |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cols = {k: [] for k in ("seal_x", "seal_p99", "open_x", "open_p99", "bulk_x")}
+    errors = 0
+    for n in sorted(reps):
+        rep = reps[n]
+        cells = [str(n)]
+        for op, x, p99 in (("seal", "seal_x", "seal_p99"), ("open", "open_x", "open_p99")):
+            s = rep.get(("target-sidecar", op), {})
+            b = rep.get(("target-openbao", op), {})
+            errors += int(float(s.get("errors", 0))) + int(float(b.get("errors", 0)))
+            try:
+                ratio = float(s["rps"]) / float(b["rps"])
+                cols[x].append(ratio)
+                cols[p99].append(float(s["p99_us"]) / 1000)
+                ratio_s = f"{ratio:.1f}×"
+            except (KeyError, ValueError, ZeroDivisionError):
+                ratio_s = "-"
+            cells += [num(s.get("rps")), num(b.get("rps")), ratio_s, ms(s.get("p99_us"))]
+        bulk = rep.get(("target-bulk", "seal"), {})
+        ossl = rep.get(("target-openssl", "aes-256-gcm"), {})
+        errors += int(float(bulk.get("errors", 0)))
+        try:
+            bx = float(bulk["mib_s"]) / float(ossl["mib_s"])
+            cols["bulk_x"].append(bx)
+            bx_s = f"{bx:.2f}"
+        except (KeyError, ValueError, ZeroDivisionError):
+            bx_s = "-"
+        cells += [num(bulk.get("mib_s")), num(ossl.get("mib_s")), bx_s]
+        print("| " + " | ".join(cells) + " |")
+
+    def med(k, fmt):
+        return fmt.format(statistics.median(cols[k])) if cols[k] else "-"
+    print(f"| **median** | | | **{med('seal_x', '{:.1f}×')}** | **{med('seal_p99', '{:.2f}')}** "
+          f"| | | **{med('open_x', '{:.1f}×')}** | **{med('open_p99', '{:.2f}')}** "
+          f"| | | **{med('bulk_x', '{:.2f}')}** |")
+    print()
+    print(f"Targets: seal and open ≥ 10× OpenBao with p99 ≤ 1 ms; 1 MiB seal ≥ 0.70 of openssl. "
+          f"Errors over the target rows: {errors}.")
+    print()
+
+
 def main():
     rows = parse(sys.argv[1])
     by = {}
     for r in rows:
         by[(r.get("label"), r.get("op"), r.get("size"), r.get("conns"))] = r
+
+    targets(rows)
 
     matrix = [r for r in rows if r.get("label") == "sidecar-unix"]
     if matrix:
@@ -91,7 +149,7 @@ def main():
         print(f"| `openssl speed -evp aes-256-gcm -bytes 16384` (one core) | | | {limit:,.0f} "
               "| | | | 1.00 |")
         for r in octets:
-            bufs = ("1 MiB both ends, a worker per core" if r["label"].endswith("-sndbuf")
+            bufs = ("1 MiB sends and reads, a worker per core" if r["label"].endswith("-sndbuf")
                     else "kernel default")
             print(f"| {r['op']} | {bufs} | {r['conns']} | {num(r['mib_s'])} | {ms(r['p50_us'])} "
                   f"| {ms(r['p99_us'])} | {num(r.get('server_cpu_us_per_op'), '{:.0f}')} "
