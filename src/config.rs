@@ -467,9 +467,10 @@ fn default_max_in_flight() -> usize {
 /// bookkeeping) for every connection whose client stops reading.
 const MAX_SEND_BUFFER: usize = 16 << 20;
 /// Bounds on `limits.read_buffer_bytes`: hyper needs at least 8 KiB; each connection may hold
-/// the maximum while a client sends its request head.
+/// the maximum while a client sends its request head (times `max_connections`: 8 GiB at 2 MiB
+/// and 4,096 connections), so the ceiling stays low.
 const MIN_READ_BUFFER: usize = 8 << 10;
-const MAX_READ_BUFFER: usize = 16 << 20;
+const MAX_READ_BUFFER: usize = 2 << 20;
 
 fn default_read_buffer() -> usize {
     64 << 10
@@ -1036,7 +1037,9 @@ mod tests {
         assert_eq!(c.limits().read_buffer_bytes, 1 << 20);
         let c = load("", &[("KMS_SIDECAR_LIMITS__READ_BUFFER_BYTES", "8192")]).unwrap();
         assert_eq!(c.limits().read_buffer_bytes, 8192);
-        for bad in ["0", "8191", "16777217"] {
+        let c = load("[limits]\nread_buffer_bytes = 2097152\n", &[]).unwrap();
+        assert_eq!(c.limits().read_buffer_bytes, 2 << 20);
+        for bad in ["0", "8191", "2097153"] {
             let e = load(&format!("[limits]\nread_buffer_bytes = {bad}\n"), &[]).unwrap_err();
             assert!(e.0.contains("limits.read_buffer_bytes"), "{}", e.0);
         }

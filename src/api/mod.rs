@@ -132,7 +132,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.limits.header_read_timeout)
-        .max_buf_size(state.limits.read_buffer_bytes)
+        .max_buf_size(state.limits.read_buffer_bytes.max(8192))
         .max_headers(state.limits.max_headers)
         .keep_alive(true);
     builder
@@ -397,35 +397,56 @@ mod tests {
     use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    // Real time, lower bounds only: tokio never fires a timer before its deadline.
+    // Real time, lower bounds only (tokio never fires a timer before its deadline); every wait
+    // is bounded, so a guard that stopped cutting fails the test instead of hanging it.
     #[tokio::test]
     async fn the_idle_deadline_runs_between_requests_only_and_moves_with_each_response() {
         let idle = Duration::from_millis(300);
+        let bound = idle * 5;
         let mut buf = [0u8; 8];
 
         // Silent from the start: cut after `idle`.
         let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
-        let mut g = IdleGuard::new(a, idle);
         let t = Instant::now();
-        let e = g.read(&mut buf).await.unwrap_err();
+        let mut g = IdleGuard::new(a, idle);
+        let e = tokio::time::timeout(bound, g.read(&mut buf))
+            .await
+            .expect("a silent connection was not cut")
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(t.elapsed() >= idle);
 
-        // A request's first bytes disarm it: a handler may take longer than `idle`.
+        // A request's first bytes disarm it, even once its timer is registered (polled) and
+        // past its deadline: a handler may take longer than `idle`.
         let (a, mut peer) = tokio::net::UnixStream::pair().unwrap();
         let mut g = IdleGuard::new(a, idle);
+        let early = tokio::time::timeout(idle / 3, g.read(&mut buf)).await;
+        assert!(early.is_err(), "cut early: {early:?}");
         peer.write_all(b"GET").await.unwrap();
         assert_eq!(g.read(&mut buf).await.unwrap(), 3);
         let waited = tokio::time::timeout(idle * 3, g.read(&mut buf)).await;
         assert!(waited.is_err(), "cut while a request was open: {waited:?}");
 
-        // Each response re-arms it from that moment: had the second not moved the deadline,
-        // the cut would come `idle` after the first, 100 ms into the wait below.
+        // Each response re-arms it from that moment, after it fired while disarmed above. Had
+        // the second response not moved the deadline, the cut would come 100 ms into the wait.
+        let t = Instant::now();
+        g.write_all(b"200").await.unwrap();
+        let e = tokio::time::timeout(bound, g.read(&mut buf))
+            .await
+            .expect("an idle keep-alive connection was not cut")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= idle);
+        let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let mut g = IdleGuard::new(a, idle);
         g.write_all(b"200").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        g.write_all(b"200").await.unwrap();
         let t = Instant::now();
-        let e = g.read(&mut buf).await.unwrap_err();
+        g.write_all(b"200").await.unwrap();
+        let e = tokio::time::timeout(bound, g.read(&mut buf))
+            .await
+            .expect("an idle keep-alive connection was not cut")
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(
             t.elapsed() >= idle,

@@ -486,9 +486,8 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = request_id(&req);
     let method = req.method().clone();
-    // A clone of the URI shares its bytes; the path is logged after the request is consumed.
-    let uri = req.uri().clone();
-    let path = uri.path();
+    // Copied, not a clone of the URI: that would share (and keep alive) hyper's read buffer.
+    let path = req.uri().path().to_owned();
     let mut trail = Trail::default();
     let result = dispatch(&state, &peer, req, &request_id, &mut trail).await;
     let (mut resp, outcome) = match result {
@@ -500,7 +499,7 @@ pub async fn handle(
     }
     let status = resp.status();
     // Requests refused before their handler named the operation count under their route's.
-    let op = trail.operation.unwrap_or_else(|| path_operation(path));
+    let op = trail.operation.unwrap_or_else(|| path_operation(&path));
     audit(&state, &peer, &request_id, trail, status, outcome).await;
     state
         .keyring
@@ -812,7 +811,7 @@ async fn dispatch(
             let item: SealItem = parse_json(&body)?;
             let (ciphertext, key_version) = seal_raw(state, &tenant, item).await?;
             trail.key_version = Some(key_version);
-            Ok(sealed_response(&ciphertext, key_version))
+            sealed_response(&ciphertext, key_version)
         }
         Action::Open => {
             let item: OpenItem = parse_json(&body)?;
@@ -1425,24 +1424,19 @@ fn opened_response(plaintext: &[u8]) -> Response<Full<Bytes>> {
 }
 
 /// `{"ciphertext":"<base64>","key_version":N}`, the envelope encoded straight into the body.
-fn sealed_response(ciphertext: &[u8], key_version: u32) -> Response<Full<Bytes>> {
+fn sealed_response(ciphertext: &[u8], key_version: u32) -> Result<Response<Full<Bytes>>, ApiError> {
     use std::io::Write;
     const HEAD: &[u8] = br#"{"ciphertext":""#;
-    let Some(encoded) = b64::encoded_len(ciphertext.len()) else {
-        return error_response(&ApiError::Internal, "unknown");
-    };
+    let encoded = b64::encoded_len(ciphertext.len()).ok_or(ApiError::Internal)?;
     // The tail is `","key_version":` and at most 10 digits and a brace.
     let mut body = Vec::with_capacity(HEAD.len() + encoded + 32);
     body.extend_from_slice(HEAD);
     body.resize(HEAD.len() + encoded, 0);
-    match b64::encode_into(ciphertext, &mut body[HEAD.len()..]) {
-        Ok(n) => body.truncate(HEAD.len() + n),
-        Err(_) => return error_response(&ApiError::Internal, "unknown"),
-    }
-    if write!(body, r#"","key_version":{key_version}}}"#).is_err() {
-        return error_response(&ApiError::Internal, "unknown");
-    }
-    json_response(StatusCode::OK, body)
+    let n =
+        b64::encode_into(ciphertext, &mut body[HEAD.len()..]).map_err(|_| ApiError::Internal)?;
+    body.truncate(HEAD.len() + n);
+    write!(body, r#"","key_version":{key_version}}}"#).map_err(|_| ApiError::Internal)?;
+    Ok(json_response(StatusCode::OK, body))
 }
 
 /// Counts what a serialisation would write, so secret buffers are allocated once, exactly.
@@ -1514,7 +1508,7 @@ mod tests {
                 };
                 let want = serde_json::to_vec(&sealed).unwrap();
                 assert_eq!(
-                    body_of(sealed_response(&pt, key_version)).await,
+                    body_of(sealed_response(&pt, key_version).unwrap()).await,
                     want,
                     "seal, {n} bytes, version {key_version}"
                 );
