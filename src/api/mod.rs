@@ -397,8 +397,23 @@ mod tests {
     use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    // Real time, lower bounds only (tokio never fires a timer before its deadline); every wait
-    // is bounded, so a guard that stopped cutting fails the test instead of hanging it.
+    /// Reads until the guard cuts the connection, failing past `bound` (so a guard that stopped
+    /// cutting fails the test instead of hanging it); returns the time since `since`.
+    async fn cut(
+        g: &mut IdleGuard<tokio::net::UnixStream>,
+        since: Instant,
+        bound: Duration,
+    ) -> Duration {
+        let mut buf = [0u8; 8];
+        let e = tokio::time::timeout(bound, g.read(&mut buf))
+            .await
+            .expect("the idle connection was not cut")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        since.elapsed()
+    }
+
+    // Real time, lower bounds only: tokio never fires a timer before its deadline.
     #[tokio::test]
     async fn the_idle_deadline_runs_between_requests_only_and_moves_with_each_response() {
         let idle = Duration::from_millis(300);
@@ -409,12 +424,7 @@ mod tests {
         let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
         let t = Instant::now();
         let mut g = IdleGuard::new(a, idle);
-        let e = tokio::time::timeout(bound, g.read(&mut buf))
-            .await
-            .expect("a silent connection was not cut")
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-        assert!(t.elapsed() >= idle);
+        assert!(cut(&mut g, t, bound).await >= idle);
 
         // A request's first bytes disarm it, even once its timer is registered (polled) and
         // past its deadline: a handler may take longer than `idle`.
@@ -427,32 +437,21 @@ mod tests {
         let waited = tokio::time::timeout(idle * 3, g.read(&mut buf)).await;
         assert!(waited.is_err(), "cut while a request was open: {waited:?}");
 
-        // Each response re-arms it from that moment, after it fired while disarmed above. Had
-        // the second response not moved the deadline, the cut would come 100 ms into the wait.
+        // A response re-arms it from that moment, though it fired while disarmed above.
         let t = Instant::now();
         g.write_all(b"200").await.unwrap();
-        let e = tokio::time::timeout(bound, g.read(&mut buf))
-            .await
-            .expect("an idle keep-alive connection was not cut")
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-        assert!(t.elapsed() >= idle);
+        assert!(cut(&mut g, t, bound).await >= idle);
+
+        // Each response moves the deadline: had the second not, the cut would come 100 ms
+        // after it.
         let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
         let mut g = IdleGuard::new(a, idle);
         g.write_all(b"200").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = Instant::now();
         g.write_all(b"200").await.unwrap();
-        let e = tokio::time::timeout(bound, g.read(&mut buf))
-            .await
-            .expect("an idle keep-alive connection was not cut")
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-        assert!(
-            t.elapsed() >= idle,
-            "cut {:?} after the last response",
-            t.elapsed()
-        );
+        let after = cut(&mut g, t, bound).await;
+        assert!(after >= idle, "cut {after:?} after the last response");
     }
 
     #[tokio::test]
