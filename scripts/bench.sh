@@ -175,22 +175,24 @@ if want targets; then
   start_bao
   start_bulk_sidecar
   log "targets: $REPEATS repeats; OpenBao $bao_version (pid $bao_pid), kms-sidecar pids $main_pid (default) and $bulk_pid (bulk)"
+  target_row() { # which (sidecar, openbao, bulk, openssl), op
+    case $1 in
+      sidecar) run_row "target-sidecar" --unix "$sock" --pid "$main_pid" --op "$2" --size 1024 --conns 32 ;;
+      openbao) run_row "target-openbao" --tcp "127.0.0.1:$BAO_PORT" --bao-token "$BAO_TOKEN" --pid "$bao_pid" --op "$2" --size 1024 --conns 32 ;;
+      bulk) run_row "target-bulk" --unix "$bulk_sock" --pid "$bulk_pid" --op "$2" --size 1048576 --conns 2 --octets --sndbuf 1048576 ;;
+      openssl)
+        ossl=$(openssl_mib_s)
+        echo "RESULT label=target-openssl op=aes-256-gcm size=16384 mib_s=$ossl $row_tag" | tee -a "$results" >&2 ;;
+    esac
+  }
   for r in $(seq 1 "$REPEATS"); do
     row_tag="rep=$r"
     # Each side goes first in every other repeat, and so does the bulk pair.
+    if (( r % 2 )); then pair=(sidecar openbao) bulk=(bulk openssl); else pair=(openbao sidecar) bulk=(openssl bulk); fi
     for op in seal open; do
-      if (( r % 2 )); then
-        run_row "target-sidecar" --unix "$sock" --pid "$main_pid" --op "$op" --size 1024 --conns 32
-        run_row "target-openbao" --tcp "127.0.0.1:$BAO_PORT" --bao-token "$BAO_TOKEN" --pid "$bao_pid" --op "$op" --size 1024 --conns 32
-      else
-        run_row "target-openbao" --tcp "127.0.0.1:$BAO_PORT" --bao-token "$BAO_TOKEN" --pid "$bao_pid" --op "$op" --size 1024 --conns 32
-        run_row "target-sidecar" --unix "$sock" --pid "$main_pid" --op "$op" --size 1024 --conns 32
-      fi
+      for side in "${pair[@]}"; do target_row "$side" "$op"; done
     done
-    (( r % 2 )) && run_row "target-bulk" --unix "$bulk_sock" --pid "$bulk_pid" --op seal --size 1048576 --conns 2 --octets --sndbuf 1048576
-    ossl=$(openssl_mib_s)
-    echo "RESULT label=target-openssl op=aes-256-gcm size=16384 mib_s=$ossl $row_tag" | tee -a "$results" >&2
-    (( r % 2 )) || run_row "target-bulk" --unix "$bulk_sock" --pid "$bulk_pid" --op seal --size 1048576 --conns 2 --octets --sndbuf 1048576
+    for side in "${bulk[@]}"; do target_row "$side" seal; done
   done
   row_tag=
   kill "$bulk_pid"; wait "$bulk_pid" 2>/dev/null || true

@@ -253,15 +253,32 @@ impl std::ops::Deref for Text<'_> {
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match SecretText::deserialize(d)? {
-            SecretText::Borrowed(s) => Text(Cow::Borrowed(s)),
-            SecretText::Owned(s) => Text(Cow::Owned(s.expose_secret().to_owned())),
-        })
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            // Unescaped by the parser: an owned copy of exactly the string's length.
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 
 /// A secret JSON string: borrowed from the (zeroizing) request body when it has no escapes,
-/// else unescaped into a string that is zeroized on drop.
+/// else the unescaped copy, moved into a string that is zeroized on drop.
 enum SecretText<'a> {
     Borrowed(&'a str),
     Owned(SecretString),
@@ -284,26 +301,10 @@ impl std::fmt::Debug for SecretText<'_> {
 
 impl<'de: 'a, 'a> Deserialize<'de> for SecretText<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl<'de> serde::de::Visitor<'de> for Text {
-            type Value = SecretText<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(
-                self,
-                v: &'de str,
-            ) -> Result<Self::Value, E> {
-                Ok(SecretText::Borrowed(v))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(SecretText::Owned(SecretString::from(v)))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(SecretText::Owned(SecretString::from(v)))
-            }
-        }
-        d.deserialize_str(Text)
+        Ok(match Text::deserialize(d)?.0 {
+            Cow::Borrowed(s) => SecretText::Borrowed(s),
+            Cow::Owned(s) => SecretText::Owned(SecretString::from(s)),
+        })
     }
 }
 
